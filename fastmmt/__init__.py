@@ -1,0 +1,7 @@
+"""fastmmt: Mutual Mean-Teaching for domain-adaptive person re-ID, faithful and fast.
+
+Layers (import direction): ``fastmmt.ops`` (fused ops, standalone) ; ``fastmmt.data`` ->
+``fastmmt.models`` -> ``fastmmt.train``, with ``fastmmt.cluster`` and ``fastmmt.evaluation``
+beside; ``fastmmt.cli`` is a thin layer over the library.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,4 @@
+"""``python -m fastmmt``: the command-line interface."""
+from fastmmt.cli import main
+
+raise SystemExit(main())

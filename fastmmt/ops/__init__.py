@@ -1,0 +1,31 @@
+"""Fused MMT ops, usable alone by other re-ID code (imports nothing else of fastmmt).
+
+Every op takes ``backend``: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else
+torch), ``"torch"`` (the reference in :mod:`fastmmt.ops.reference`) or ``"triton"``.
+"""
+from fastmmt.ops._dispatch import resolve_backend
+from fastmmt.ops.ema import ema_alpha, ema_update_
+from fastmmt.ops.losses import (
+    cross_entropy_label_smooth,
+    logits_pair_losses,
+    pairwise_euclidean,
+    soft_entropy,
+    soft_softmax_triplet_loss,
+    softmax_triplet_loss,
+    triplet_pair_losses,
+)
+from fastmmt.ops.mmt_loss import MMTLossOutput, mmt_loss
+from fastmmt.ops.modules import (
+    CrossEntropyLabelSmooth,
+    MMTLoss,
+    SoftEntropy,
+    SoftmaxTripletLoss,
+    SoftSoftmaxTripletLoss,
+)
+
+__all__ = [
+    "CrossEntropyLabelSmooth", "MMTLoss", "MMTLossOutput", "SoftEntropy", "SoftmaxTripletLoss",
+    "SoftSoftmaxTripletLoss", "cross_entropy_label_smooth", "ema_alpha", "ema_update_",
+    "logits_pair_losses", "mmt_loss", "pairwise_euclidean", "resolve_backend", "soft_entropy",
+    "soft_softmax_triplet_loss", "softmax_triplet_loss", "triplet_pair_losses",
+]

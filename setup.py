@@ -1,0 +1,57 @@
+"""Build and install fastmmt.
+
+The library is pure Python except the optional multi-tensor EMA extension ``fastmmt._C`` built
+from ``csrc/``. The extension build never fails the install: without it, ``fastmmt.ops`` falls
+back to ``torch._foreach_lerp_``. Install with ``pip install -e . --no-build-isolation`` so the
+build uses the torch already installed (an isolated build would fetch a multi-GB torch).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "csrc"))
+
+REQUIRES = [
+    # 2.13.0 (CPU wheel on local disk) must satisfy every range: a CUDA machine keeps its torch.
+    "torch>=2.4,<2.15",
+    "triton>=3.1,<3.10",
+    "numpy>=1.24",
+    "pillow>=10",
+    "faiss-gpu>=1.8",
+    # DALI's CUDA 13 build: it bundles its own nvJPEG/nvimgcodec, runs CPU-only pipelines with
+    # no GPU, and matches the CUDA 13 toolchain (nvcc 13) the extension is compiled with.
+    "nvidia-dali-cuda130>=2.0",
+    "pyyaml>=6",
+    "tqdm>=4.60",
+    "matplotlib>=3.7",
+]
+
+packages = find_packages(include=["fastmmt", "fastmmt.*"]) + ["fastmmt.kernels"]
+package_dir = {"fastmmt.kernels": "kernels"}
+
+
+def _ext_kwargs() -> dict:
+    """Extension modules and build command, or nothing when the build helper is unavailable."""
+    try:
+        from build_ext_helper import extension_kwargs  # csrc/build_ext_helper.py
+    except ImportError:
+        return {}
+    return extension_kwargs()
+
+
+setup(
+    name="fastmmt",
+    version="0.1.0",
+    description="Fast, faithful Mutual Mean-Teaching for unsupervised domain-adaptive person re-ID",
+    packages=packages,
+    package_dir=package_dir,
+    python_requires=">=3.10",
+    install_requires=REQUIRES,
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "scikit-learn>=1.3", "ninja"]},
+    entry_points={"console_scripts": ["fastmmt=fastmmt.cli:main"]},
+    **_ext_kwargs(),
+)

@@ -1,0 +1,12 @@
+"""Test set-up: run Triton kernels under the interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before anything imports triton; without a GPU, importing triton
+without it fails with "0 active drivers".
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(max(1, os.cpu_count() or 1))
