@@ -1,0 +1,131 @@
+// fastmmt._C: multi-tensor mean-teacher update, teacher <- alpha*teacher + (1-alpha)*student,
+// in place, for whole parameter lists in one call. Every input is validated before anything is
+// written. CPU: one at::parallel_for over all elements of all tensors (flattened, chunked) with
+// inner loops the compiler vectorises. CUDA (when built with FASTMMT_WITH_CUDA): a multi-tensor
+// kernel, see ema_kernel.cu.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ema.h"
+
+namespace fastmmt {
+namespace {
+
+constexpr int64_t kGrain = 1 << 16;  // elements; smaller work runs on the calling thread
+
+bool cuda_built() {
+#ifdef FASTMMT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+void validate(const std::vector<at::Tensor>& teacher, const std::vector<at::Tensor>& student,
+              double alpha) {
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha >= 0.0 && alpha <= 1.0,
+                    "ema_update_: alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(teacher.size() == student.size(), "ema_update_: ", teacher.size(),
+                    " teacher tensors but ", student.size(), " student tensors");
+  if (teacher.empty()) return;
+  const at::Device device = teacher.front().device();
+  const at::ScalarType dtype = teacher.front().scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                    "ema_update_: tensor 0 has dtype ", dtype,
+                    "; supported: float32, float16, bfloat16");
+  TORCH_CHECK_VALUE(device.is_cpu() || (device.is_cuda() && cuda_built()),
+                    "ema_update_: tensors on ", device,
+                    " but fastmmt._C was built without CUDA support");
+  for (size_t i = 0; i < teacher.size(); ++i) {
+    const at::Tensor& t = teacher[i];
+    const at::Tensor& s = student[i];
+    TORCH_CHECK_VALUE(t.defined() && s.defined(), "ema_update_: tensor ", i, " is undefined");
+    TORCH_CHECK_VALUE(t.sizes() == s.sizes(), "ema_update_: tensor ", i, ": teacher shape ",
+                      t.sizes(), " != student shape ", s.sizes());
+    TORCH_CHECK_VALUE(t.scalar_type() == dtype && s.scalar_type() == dtype, "ema_update_: tensor ",
+                      i, ": teacher dtype ", t.scalar_type(), ", student dtype ", s.scalar_type(),
+                      "; all tensors must be ", dtype);
+    TORCH_CHECK_VALUE(t.device() == device && s.device() == device, "ema_update_: tensor ", i,
+                      ": teacher on ", t.device(), ", student on ", s.device(),
+                      "; all tensors must be on ", device);
+    TORCH_CHECK_VALUE(t.is_contiguous() && s.is_contiguous(), "ema_update_: tensor ", i,
+                      " is not contiguous (teacher contiguous=", t.is_contiguous(),
+                      ", student contiguous=", s.is_contiguous(), ")");
+  }
+}
+
+// The inner loop: fp32 arithmetic (two rounded products, a rounded sum), one final rounding.
+template <typename T>
+void ema_range(T* __restrict__ t, const T* __restrict__ s, int64_t n, float a, float b) {
+  for (int64_t i = 0; i < n; ++i) {
+    t[i] = static_cast<T>(a * static_cast<float>(t[i]) + b * static_cast<float>(s[i]));
+  }
+}
+
+template <typename T>
+void ema_cpu(const std::vector<at::Tensor>& teacher, const std::vector<at::Tensor>& student,
+             float a, float b) {
+  const size_t n = teacher.size();
+  std::vector<T*> t_ptr(n);
+  std::vector<const T*> s_ptr(n);
+  std::vector<int64_t> offset(n + 1, 0);  // prefix sums of numel: the flattened work
+  for (size_t i = 0; i < n; ++i) {
+    t_ptr[i] = teacher[i].data_ptr<T>();
+    s_ptr[i] = student[i].data_ptr<T>();
+    offset[i + 1] = offset[i] + teacher[i].numel();
+  }
+  at::parallel_for(0, offset[n], kGrain, [&](int64_t begin, int64_t end) {
+    // Tensor holding element `begin`: last offset <= begin (empty tensors are skipped).
+    size_t i = std::upper_bound(offset.begin(), offset.end(), begin) - offset.begin() - 1;
+    while (begin < end) {
+      const int64_t stop = std::min(end, offset[i + 1]);
+      const int64_t local = begin - offset[i];
+      ema_range<T>(t_ptr[i] + local, s_ptr[i] + local, stop - begin, a, b);
+      begin = stop;
+      ++i;
+    }
+  });
+}
+
+void ema_update_(const std::vector<at::Tensor>& teacher, const std::vector<at::Tensor>& student,
+                 double alpha) {
+  validate(teacher, student, alpha);
+  if (teacher.empty()) return;
+  // Writes through data pointers bypass autograd: bump versions as an in-place op would (before
+  // writing, so a tensor that refuses the bump leaves everything untouched).
+  for (const at::Tensor& t : teacher) t.unsafeGetTensorImpl()->bump_version();
+  const float a = static_cast<float>(alpha);
+  const float b = static_cast<float>(1.0 - alpha);
+  if (teacher.front().is_cuda()) {
+#ifdef FASTMMT_WITH_CUDA
+    ema_update_cuda(teacher, student, a, b);
+#endif
+  } else {
+    switch (teacher.front().scalar_type()) {
+      case at::kFloat: ema_cpu<float>(teacher, student, a, b); break;
+      case at::kHalf: ema_cpu<c10::Half>(teacher, student, a, b); break;
+      default: ema_cpu<c10::BFloat16>(teacher, student, a, b); break;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fastmmt
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastmmt multi-tensor EMA (mean-teacher) update";
+  m.def("ema_update_", &fastmmt::ema_update_, pybind11::arg("teacher_tensors"),
+        pybind11::arg("student_tensors"), pybind11::arg("alpha"),
+        "teacher <- alpha*teacher + (1-alpha)*student for every pair, in place (fp32 arithmetic). "
+        "Validates all inputs before writing.");
+  m.def("has_cuda", &fastmmt::cuda_built, "True when this build contains the CUDA kernel.");
+  m.def("num_threads", &at::get_num_threads, "Threads at::parallel_for uses for the CPU path.");
+}
