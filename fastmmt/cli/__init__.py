@@ -1,0 +1,171 @@
+"""``fastmmt`` command line: a thin layer over the library (see ``fastmmt <command> --help``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from fastmmt.cli.config import ConfigError, load_options, options_to_dict
+
+log = logging.getLogger("fastmmt")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set adapt.k=700 (repeatable)")
+    p.add_argument("--data-root", help="folder holding the dataset folders (sets data.root)")
+    p.add_argument("--out", help="output folder (sets run.out_dir)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _options(args: argparse.Namespace):
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    if args.out:
+        overrides.append(f"run.out_dir={args.out}")
+    if args.no_progress:
+        overrides.append("run.progress=false")
+    return load_options(args.config, overrides)
+
+
+def _save_config(opts, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(options_to_dict(opts))), sort_keys=False))
+
+
+def _print_metrics(name: str, metrics: dict) -> None:
+    print(f"{name}: mAP {100 * metrics['mAP']:.1f}  rank-1 {100 * metrics['rank1']:.1f}  "
+          f"rank-5 {100 * metrics['rank5']:.1f}  rank-10 {100 * metrics['rank10']:.1f}")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from fastmmt.data import generate_domains
+
+    src, tgt = generate_domains(args.out_dir, seed=args.seed, size=args.size)
+    print(f"source domain: {src}\ntarget domain: {tgt}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from fastmmt.data import load_dataset
+    from fastmmt.train import pretrain
+
+    opts = _options(args)
+    out = Path(opts.run.out_dir)
+    _save_config(opts, out)
+    source = load_dataset(opts.data.source, opts.data.source_root or opts.data.root)
+    target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root) if opts.data.target else None
+    seeds = [args.seed] if args.seed is not None else list(opts.pretrain.seeds)
+    for s in seeds:
+        res = pretrain(source, target, opts, seed=s, out_dir=out / "pretrain" / f"seed{s}", resume=args.resume)
+        print(f"seed {s}: model {res.model_path}")
+        if res.metrics:
+            _print_metrics(f"source-only seed {s} on target", res.metrics)
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from fastmmt.data import load_dataset
+    from fastmmt.train import adapt
+
+    opts = _options(args)
+    if args.method:
+        opts.adapt.method = args.method
+    out = Path(opts.run.out_dir)
+    inits = args.init or [str(out / "pretrain" / f"seed{s}" / "model.pt") for s in opts.pretrain.seeds]
+    if opts.adapt.method == "baseline":
+        inits = inits[:1]
+    run_dir = out / opts.adapt.method
+    _save_config(opts, run_dir)
+    target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root)
+    res = adapt(target, inits, opts, run_dir, resume=args.resume)
+    _print_metrics(f"{opts.adapt.method} on target", res.metrics)
+    (run_dir / "results.json").write_text(json.dumps({"metrics": res.metrics, "seconds": res.seconds}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fastmmt.data import load_dataset
+    from fastmmt.train import evaluate_model_file
+
+    opts = _options(args)
+    target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root)
+    metrics = evaluate_model_file(args.model, target, opts, rerank=args.rerank)
+    _print_metrics(f"{args.model} on {opts.data.target}" + (" (re-ranked)" if args.rerank else ""), metrics)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fastmmt.train.demo import demo_options, format_table, run_demo
+
+    opts = demo_options(out_dir=args.out, seed=args.seed)
+    if args.no_progress:
+        opts.run.progress = False
+    methods = ("kmeans",) if args.quick else ("kmeans", "dbscan")
+    res = run_demo(opts, seed=args.seed, methods=methods)
+    print(f"\nfastmmt demo (seed {args.seed}) on the synthetic target domain's test set:")
+    print(format_table(res["rows"]))
+    print("\ntime per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res["stage_seconds"].items()))
+    print(f"total {res['total_seconds']:.1f} s; results in {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmmt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="generate the synthetic source/target domains (Market-1501 layout)")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="demo", help="preset size (see docs/data.md)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("pretrain", help="Stage I: source pre-training (both seeds unless --seed)")
+    _common(p)
+    p.add_argument("--seed", type=int, help="train only this seed")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("adapt", help="Stage II: MMT (kmeans|dbscan) or the single-model baseline")
+    _common(p)
+    p.add_argument("--method", choices=("kmeans", "dbscan", "baseline"))
+    p.add_argument("--init", nargs="+", help="pre-trained model files (default: OUT/pretrain/seed*/model.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("evaluate", help="evaluate a model file on the target test set")
+    _common(p)
+    p.add_argument("--model", required=True, help="a model.pt written by pretrain or adapt")
+    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="synthetic end-to-end demo: source-only vs MMT vs oracle")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="MMT k-means only (skip DBSCAN)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"fastmmt: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        print(f"fastmmt {args.command}: error: {e}", file=sys.stderr)
+        return 1

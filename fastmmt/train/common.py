@@ -1,0 +1,85 @@
+"""Pieces every stage shares: building models and optimisers, extraction, evaluation, guards."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastmmt.data import ImageRecord, ReIDDataset, build_test_loader
+from fastmmt.evaluation import evaluate_features, extract_features
+from fastmmt.models import ReIDNet, build_model
+from fastmmt.train.bn_split import convert_bn_split
+from fastmmt.train.options import DataOptions, ModelOptions, RunOptions
+
+log = logging.getLogger("fastmmt.train")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or feature became NaN/inf: the step is refused (nothing is updated)."""
+
+
+def make_model(mopts: ModelOptions, num_classes: int, device: torch.device, bn_split: int = 0,
+               pretrained: str | None = None) -> ReIDNet:
+    """Build the re-ID network on ``device`` with the run's BN split and memory format."""
+    model = build_model(mopts.arch, num_classes, dropout=mopts.dropout, pretrained=pretrained,
+                        base_width=mopts.base_width)
+    convert_bn_split(model, bn_split)
+    model = model.to(device)
+    if mopts.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def adam(models: Iterable[nn.Module], lr: float, weight_decay: float) -> torch.optim.Adam:
+    """Adam over every trainable parameter of ``models`` (coupled L2 weight decay, as the reference)."""
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def extract(model: nn.Module, records: Sequence[ImageRecord], dopts: DataOptions, ropts: RunOptions,
+            device: torch.device, mopts: ModelOptions, desc: str = "extract") -> torch.Tensor:
+    """Normalised after-BN features of ``records`` (model in eval mode), (N, D) float32 on CPU."""
+    loader = build_test_loader(records, dopts.height, dopts.width, batch_size=dopts.test_batch_size,
+                               workers=dopts.workers, backend=dopts.backend)
+    was_training = model.training
+    model.eval()
+    try:
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ropts.amp or "")
+        feats, _, _ = extract_features(model, loader, device=device, progress=ropts.progress,
+                                       channels_last=mopts.channels_last, amp_dtype=amp)
+    finally:
+        model.train(was_training)
+    if not torch.isfinite(feats).all():
+        bad = (~torch.isfinite(feats)).any(1).sum().item()
+        raise NonFiniteLossError(f"{desc}: {bad} of {len(feats)} feature rows are NaN/inf")
+    return feats
+
+
+def evaluate(model: nn.Module, dataset: ReIDDataset, dopts: DataOptions, ropts: RunOptions,
+             device: torch.device, mopts: ModelOptions) -> dict[str, float]:
+    """Target test metrics (mAP, rank-1/5/10) of ``model`` plus the evaluation wall time."""
+    t0 = time.perf_counter()
+    qf = extract(model, dataset.query, dopts, ropts, device, mopts, "query")
+    gf = extract(model, dataset.gallery, dopts, ropts, device, mopts, "gallery")
+    r = evaluate_features(
+        qf, gf,
+        np.array([x.pid for x in dataset.query]), np.array([x.pid for x in dataset.gallery]),
+        np.array([x.camid for x in dataset.query]), np.array([x.camid for x in dataset.gallery]))
+    return {"mAP": float(r.mAP), "rank1": float(r.cmc[0]), "rank5": float(r.cmc[4]),
+            "rank10": float(r.cmc[9]), "eval_seconds": time.perf_counter() - t0}
+
+
+def check_finite(value: torch.Tensor, what: str) -> None:
+    """Refuse a step whose loss is NaN/inf, naming the batch."""
+    if not math.isfinite(float(value)):
+        raise NonFiniteLossError(f"non-finite loss ({float(value)}) at {what}; the step was refused")

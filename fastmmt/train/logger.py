@@ -1,0 +1,80 @@
+"""Per-epoch run log: JSON lines (always), TensorBoard (when installed), a PNG plot of the curves."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    """Append one JSON object per epoch to ``out_dir/log.jsonl`` and redraw ``out_dir/curves.png``."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / "log.jsonl"
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            except (ImportError, ModuleNotFoundError):
+                self._tb = None
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record logged so far (including those of an earlier, resumed run)."""
+        if not self.path.exists():
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (flushed at once), mirror scalars to TensorBoard, redraw the plot."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+        if self._tb is not None and "epoch" in record:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self._tb.add_scalar(k, v, record["epoch"])
+            self._tb.flush()
+        self.plot()
+
+    def plot(self) -> Path | None:
+        """Target mAP / rank-1 and loss terms per epoch, as ``curves.png``."""
+        recs = [r for r in self.records() if "epoch" in r]
+        if not recs:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for key, label in (("mAP", "target mAP"), ("rank1", "target rank-1")):
+            pts = [(r["epoch"], 100 * r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+            if pts:
+                a1.plot(*zip(*pts), marker="o", label=label)
+        a1.set_xlabel("epoch"); a1.set_ylabel("%"); a1.legend(); a1.grid(alpha=0.3)
+        loss_keys = sorted({k for r in recs for k in r if k.startswith("loss")})
+        for key in loss_keys:
+            pts = [(r["epoch"], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            if pts:
+                a2.plot(*zip(*pts), marker=".", label=key)
+        a2.set_xlabel("epoch"); a2.set_ylabel("loss"); a2.grid(alpha=0.3)
+        if loss_keys:
+            a2.legend(fontsize=7)
+        fig.tight_layout()
+        out = self.out_dir / "curves.png"
+        fig.savefig(out, dpi=80)
+        plt.close(fig)
+        return out
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

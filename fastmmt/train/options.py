@@ -1,0 +1,102 @@
+"""Typed options of the training stages; defaults are the paper's recipe (MMT_SPEC.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataOptions:
+    """Where the data is and how it is fed."""
+
+    source: str = "dukemtmc"          # dataset name for fastmmt.data.load_dataset
+    target: str = "market1501"
+    root: str = "data"                # --data-root: folder holding the dataset folders
+    source_root: str | None = None    # per-domain folder when the two live apart (default: root)
+    target_root: str | None = None
+    height: int = 256
+    width: int = 128
+    batch_size: int = 64              # P x K with K = num_instances
+    num_instances: int = 4
+    workers: int = 2
+    test_batch_size: int = 128
+    backend: str = "auto"             # auto | dali | torch
+
+
+@dataclass
+class ModelOptions:
+    """Backbone and head."""
+
+    arch: str = "resnet50"
+    base_width: int = 64
+    dropout: float = 0.0
+    pretrained: str | None = None     # local ImageNet weights file (no downloads)
+    channels_last: bool = False
+
+
+@dataclass
+class PretrainOptions:
+    """Stage I: supervised source training with target BN adaptation."""
+
+    epochs: int = 80
+    iters: int = 100
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 10
+    warmup_factor: float = 0.01
+    milestones: tuple[int, ...] = (40, 70)
+    gamma: float = 0.1
+    epsilon: float = 0.1
+    erase: bool = False
+    seeds: tuple[int, ...] = (1, 2)
+    target_bn_forward: bool = True    # forward a target batch each iteration (adapts BN stats)
+
+
+@dataclass
+class AdaptOptions:
+    """Stage II: MMT (kmeans | dbscan) or the single-model baseline."""
+
+    method: str = "kmeans"            # kmeans | dbscan | baseline
+    epochs: int = 40
+    iters: int = 400
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    k: int = 500
+    soft_ce_weight: float = 0.5
+    soft_tri_weight: float = 0.8
+    ema_alpha: float = 0.999
+    epsilon: float = 0.1
+    erase: bool = True
+    k1: int = 20
+    k2: int = 6
+    rho: float = 1.6e-3
+    min_samples: int = 4
+    cluster_backend: str = "auto"
+
+
+@dataclass
+class RunOptions:
+    """How a run executes: device, precision, logging, checkpoints."""
+
+    out_dir: str = "runs/mmt"
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    amp: str | None = None            # None | bf16 | fp16
+    bn_split: int = 0                 # BN statistics over sub-batches of this size (0 = whole batch)
+    seed: int = 1
+    eval_every: int = 1               # evaluate the target test set every N epochs (0 = only at the end)
+    select_best: bool = False         # report the epoch with the best target test mAP (the reference's way)
+    loss_backend: str = "auto"
+    ema_backend: str = "auto"
+    progress: bool = True
+    deterministic: bool = False
+    num_threads: int | None = None    # CPU threads for torch/FAISS (None = all cores)
+
+
+@dataclass
+class ExperimentOptions:
+    """Everything one command needs; the CLI builds it from a config file and --set overrides."""
+
+    data: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    pretrain: PretrainOptions = field(default_factory=PretrainOptions)
+    adapt: AdaptOptions = field(default_factory=AdaptOptions)
+    run: RunOptions = field(default_factory=RunOptions)

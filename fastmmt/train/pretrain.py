@@ -1,0 +1,131 @@
+"""Stage I: supervised source pre-training (label-smoothed CE + softmax-triplet) with target BN
+adaptation (a target batch is forwarded in train mode each iteration and its output discarded)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fastmmt.data import ReIDDataset, build_train_loader
+from fastmmt.ops import cross_entropy_label_smooth, softmax_triplet_loss
+from fastmmt.train.checkpoint import atomic_save, load_checkpoint, save_checkpoint
+from fastmmt.train.common import adam, check_finite, evaluate, make_model, to_device
+from fastmmt.train.logger import RunLogger
+from fastmmt.train.options import ExperimentOptions
+from fastmmt.train.runtime import autocast, epoch_seed, resolve_device, seed_everything, set_deterministic
+from fastmmt.train.schedule import warmup_multistep_factor
+
+log = logging.getLogger("fastmmt.train")
+
+
+@dataclass
+class StageResult:
+    """What a stage leaves behind: the model file, final target metrics, per-stage seconds."""
+
+    model_path: str
+    metrics: dict
+    seconds: dict
+
+
+def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOptions, seed: int,
+             out_dir: str | Path, resume: bool = False) -> StageResult:
+    """Train one source model with ``seed``; write ``out_dir/model.pt``; evaluate on ``target``.
+
+    ``target`` may be None (no BN adaptation, no evaluation). With ``resume`` the run continues
+    from ``out_dir/ckpt``'s last readable epoch.
+    """
+    d, m, p, r = opts.data, opts.model, opts.pretrain, opts.run
+    out_dir = Path(out_dir)
+    device = resolve_device(r.device)
+    set_deterministic(r.deterministic)
+    seed_everything(seed)
+    model = make_model(m, source.num_train_pids, device, r.bn_split, pretrained=m.pretrained)
+    optimizer = adam([model], p.lr, p.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: warmup_multistep_factor(e, p.milestones, p.gamma, p.warmup_factor, p.warmup_epochs))
+    start = 0
+    if resume and (state := load_checkpoint(out_dir / "ckpt", device)) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = state["epoch"] + 1
+        log.info("resumed pre-training at epoch %d from %s", start, out_dir / "ckpt")
+
+    src = build_train_loader(source.train, np.array([x.pid for x in source.train]), d.height, d.width,
+                             batch_size=d.batch_size, num_instances=d.num_instances, num_views=1,
+                             workers=d.workers, seed=seed, erase=p.erase, backend=d.backend)
+    tgt = None
+    if target is not None and p.target_bn_forward:
+        # K = 1 with one "identity" per image: a random permutation of the target images.
+        tgt = build_train_loader(target.train, np.arange(len(target.train)), d.height, d.width,
+                                 batch_size=d.batch_size, num_instances=1, num_views=1,
+                                 workers=d.workers, seed=seed + 7, erase=p.erase, backend=d.backend)
+    logger = RunLogger(out_dir)
+    train_seconds = 0.0
+    for epoch in range(start, p.epochs):
+        seed_everything(epoch_seed(seed, epoch))
+        model.train()
+        t0 = time.perf_counter()
+        sums = {"loss_ce": 0.0, "loss_tri": 0.0, "acc": 0.0}
+        tgt_iter = tgt.epoch(epoch, p.iters) if tgt is not None else None
+        bar = tqdm(src.epoch(epoch, p.iters), total=p.iters, desc=f"pretrain s{seed} ep{epoch}",
+                   disable=not r.progress, leave=False)
+        for it, batch in enumerate(bar):
+            x = to_device(batch.views[0], device, m.channels_last)
+            y = batch.labels.to(device)
+            with autocast(device, r.amp):
+                f, logits = model(x)
+                ce = cross_entropy_label_smooth(logits, y, p.epsilon, backend=r.loss_backend)
+                tri = softmax_triplet_loss(f, y, backend=r.loss_backend)
+                loss = ce + tri
+            check_finite(loss, f"pre-training epoch {epoch} iteration {it} (images {batch.indices[:4].tolist()}...)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if tgt_iter is not None:
+                tb = next(tgt_iter)
+                with torch.no_grad(), autocast(device, r.amp):
+                    model(to_device(tb.views[0], device, m.channels_last))  # BN statistics only
+            sums["loss_ce"] += ce.item()
+            sums["loss_tri"] += tri.item()
+            sums["acc"] += (logits.argmax(1) == y).float().mean().item()
+            bar.set_postfix(ce=f"{ce.item():.3f}", tri=f"{tri.item():.3f}")
+        sched.step()
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        n_img = p.iters * d.batch_size * (2 if tgt is not None else 1)
+        record = {"stage": "pretrain", "seed": seed, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                  **{k: v / p.iters for k, v in sums.items()}, "train_seconds": seconds,
+                  "images_per_second": n_img / seconds}
+        save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": sched.state_dict()}, out_dir / "ckpt")
+        logger.log(record)
+        log.info("pretrain seed %d epoch %d: ce %.3f tri %.3f acc %.3f (%.1f img/s)", seed, epoch,
+                 record["loss_ce"], record["loss_tri"], record["acc"], record["images_per_second"])
+
+    model_path = atomic_save({"model": model.state_dict(), "num_classes": source.num_train_pids,
+                              "model_options": asdict(m), "seed": seed}, out_dir / "model.pt")
+    metrics = {}
+    eval_seconds = 0.0
+    if target is not None:
+        metrics = evaluate(model, target, d, r, device, m)
+        eval_seconds = metrics.pop("eval_seconds")
+        logger.log({"stage": "pretrain", "seed": seed, "final": True, **metrics})
+    logger.close()
+    return StageResult(str(model_path), metrics, {"train": train_seconds, "eval": eval_seconds})
+
+
+def load_model_file(path: str | Path, opts: ExperimentOptions, device: torch.device):
+    """Build the network a ``model.pt`` of :func:`pretrain` describes and load its weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist (run `fastmmt pretrain` first)")
+    state = torch.load(path, map_location=device, weights_only=False)
+    model = make_model(opts.model, state["num_classes"], device, opts.run.bn_split)
+    model.load_state_dict(state["model"])
+    return model

@@ -1,0 +1,55 @@
+"""Device, precision, seeding and determinism: the few facts every stage needs about the machine."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> first CUDA device when present, else CPU; a missing CUDA device is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+_AMP = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str | None):
+    """Autocast context for ``amp`` (None | bf16 | fp16); fp16 only on CUDA."""
+    if amp not in _AMP:
+        raise ValueError(f"amp must be one of None, 'bf16', 'fp16'; got {amp!r}")
+    dtype = _AMP[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' on the CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic algorithms for bit-reproducible runs (CPU, and CUDA with cuBLAS workspace)."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=False)
+    torch.backends.cudnn.benchmark = not enabled
+    torch.backends.cudnn.deterministic = enabled
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A distinct, reproducible seed per (run seed, epoch, stream) so a resumed epoch replays exactly."""
+    return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**31 - 1)
