@@ -38,6 +38,13 @@ def _softplus(z):
 
 
 @triton.jit
+def _sigmoid(z):
+    """Overflow-free logistic function."""
+    e = tl.exp(-tl.abs(z))
+    return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
 def _pick(values, cols, idx):
     """values[r, idx[r]] for a tile (idx inside the tile's column range)."""
     return tl.sum(tl.where(cols[None, :] == idx[:, None], values, 0.0), axis=1)
@@ -100,12 +107,12 @@ def _triplet_fwd(x_ptr, t_ptr, lab_ptr, loss_ptr, ap_ptr, an_ptr, aux_ptr, N, D,
     has_neg = best_n < float("inf")
     d_an = tl.where(has_neg, best_n, best_p)  # finite placeholder; the row's terms are masked
     z = best_p - d_an
-    sig = tl.where(has_neg, tl.sigmoid(z), 0.0)
+    sig = tl.where(has_neg, _sigmoid(z), 0.0)
     hard = tl.where(has_neg, _softplus(z), 0.0)
     if HAS_TEACHER:
         t_ap = _pair_distance(t_ptr, rows, idx_p, rmask, stride_t, D, BLOCK_M, BLOCK_D)
         t_an = _pair_distance(t_ptr, rows, idx_n, rmask, stride_t, D, BLOCK_M, BLOCK_D)
-        w = tl.where(has_neg, tl.sigmoid(t_ap - t_an), 0.0)
+        w = tl.where(has_neg, _sigmoid(t_ap - t_an), 0.0)
         soft = tl.where(has_neg, w * _softplus(-z) + (1.0 - w) * _softplus(z), 0.0)
     else:
         w = tl.zeros((BLOCK_M,), dtype=tl.float32)

@@ -1,0 +1,194 @@
+"""Fused Triton triplet kernel (interpreter on CPU) against reference.py run in float64.
+
+Inputs are fresh random each run; the seed is printed (shown on failure) and can be pinned with
+FASTMMT_TEST_SEED. Float64 reference = reference.py on float64 copies of the (dtype-rounded)
+inputs. Loss tolerance: 2e-5 relative for every dtype (the kernel computes in float32 on the exact
+input values). Gradient tolerance, relative to the largest reference entry: fp32 1e-4, fp16 2e-3,
+bf16 1.6e-2 (the gradient is rounded to the input dtype).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastmmt.ops import losses
+from fastmmt.ops import reference as ref
+from fastmmt.ops import triton_ops
+from fastmmt.kernels import triplet
+
+GRAD_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    seed = int(os.environ.get("FASTMMT_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"seed={seed} (rerun with FASTMMT_TEST_SEED={seed})")
+    return torch.Generator().manual_seed(seed)
+
+
+def _labels(n: int, n_ids: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, n_ids, (n,), generator=gen)
+
+
+def _ref_at(x64: torch.Tensor, t64: torch.Tensor, labels: torch.Tensor, ap: torch.Tensor, an: torch.Tensor):
+    """Reference (hard, soft) in float64 evaluated at the given mined indices."""
+    dist = ref.pairwise_euclidean(x64)
+    has_neg = (labels.view(-1, 1) != labels.view(1, -1)).any(1)
+    m = ref.Mining(ap.long(), an.long(), has_neg)
+    d_ap, d_an = ref._mined_student(dist, m)
+    t_ap, t_an = ref.teacher_pair_distances(t64, m)
+    return ref._hard_term(d_ap, d_an, has_neg), ref._soft_term(d_ap, d_an, t_ap, t_an, has_neg)
+
+
+def _ambiguous_rows(x64: torch.Tensor, labels: torch.Tensor, rel: float = 1e-5) -> torch.Tensor:
+    """Rows whose hardest positive or negative is within ``rel`` of the runner-up (float64)."""
+    dist = ref.pairwise_euclidean(x64)
+    same = labels.view(-1, 1) == labels.view(1, -1)
+    pos = dist.masked_fill(~same, float("-inf")).sort(1, descending=True).values
+    neg = dist.masked_fill(same, float("inf")).sort(1).values
+    scale = dist.max()
+    gap_p = (pos[:, 0] - pos[:, 1]).nan_to_num(nan=float("inf"), posinf=float("inf"))
+    gap_n = (neg[:, 1] - neg[:, 0]).nan_to_num(nan=float("inf"), posinf=float("inf"))
+    return (gap_p < rel * scale) | (gap_n < rel * scale)
+
+
+def _check(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> None:
+    """Mining, losses and gradient of the fused kernel against the float64 reference."""
+    dtype = x.dtype
+    x = x.detach().requires_grad_()
+    hard, soft = triton_ops.triplet_pair_losses(x, t, labels)
+    wh, ws = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5
+    (wh * hard + ws * soft).backward()
+    assert hard.dtype == soft.dtype == torch.float32 and x.grad.dtype == dtype
+
+    x64, t64 = x.detach().double(), t.double()
+    fwd = triplet.triplet_forward(x.detach().contiguous(), t.contiguous(), labels)
+    m = ref.batch_hard_mining(ref.pairwise_euclidean(x64), labels)
+    clear = ~_ambiguous_rows(x64, labels)
+    assert clear.float().mean() > 0.8, "test data too tie-prone to check mining"
+    assert torch.equal(fwd.ap_idx.long()[clear], m.ap_idx[clear])
+    assert torch.equal(fwd.an_idx.long()[clear & m.has_neg], m.an_idx[clear & m.has_neg])
+    # Near-ties (float64 gap below rounding): the kernel's pick must be a tie within tolerance.
+    dist = ref.pairwise_euclidean(x64)
+    rows = torch.arange(len(labels))
+    tol = 1e-5 * dist.max()
+    assert (dist[rows, fwd.ap_idx.long()] - dist[rows, m.ap_idx]).abs().max() <= tol
+    assert ((dist[rows, fwd.an_idx.long()] - dist[rows, m.an_idx]).abs() * m.has_neg).max() <= tol
+
+    x64.requires_grad_()
+    r_hard, r_soft = _ref_at(x64, t64, labels, fwd.ap_idx, fwd.an_idx)
+    (wh * r_hard + ws * r_soft).backward()
+    torch.testing.assert_close(hard.double(), r_hard.detach(), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(soft.double(), r_soft.detach(), rtol=2e-5, atol=1e-6)
+    scale = x64.grad.abs().max().item() + 1e-12
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=GRAD_TOL[dtype], atol=GRAD_TOL[dtype] * scale)
+
+
+def _features(n: int, d: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(n, d, generator=gen).abs().mul(2.0).to(dtype)  # ReLU-pooled-like, >= 0
+
+
+@pytest.mark.parametrize("n,d", [(4, 3), (6, 129), (64, 129), (130, 3)])
+def test_fp32_matches_reference(n, d, gen):
+    x, t = _features(n, d, torch.float32, gen), _features(n, d, torch.float32, gen)
+    _check(x, t, _labels(n, max(2, n // 4), gen), gen)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n,d", [(4, 2048), (64, 2048), (130, 2048), (130, 129)])
+def test_fp32_matches_reference_large(n, d, gen):
+    x, t = _features(n, d, torch.float32, gen), _features(n, d, torch.float32, gen)
+    _check(x, t, _labels(n, max(2, n // 4), gen), gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_dtypes_match_reference(dtype, gen):
+    x, t = _features(64, 129, dtype, gen), _features(64, 129, dtype, gen)
+    _check(x, t, _labels(64, 16, gen), gen)
+
+
+def test_ties_integer_features_mine_lowest_index(gen):
+    """Integer features with duplicated rows: exact arithmetic, so mining equals the reference exactly."""
+    n, d = 40, 6
+    x = torch.randint(0, 3, (n, d), generator=gen).float()
+    x[1::5] = x[0::5][: len(x[1::5])]  # exact duplicates (zero distance, clamped, zero gradient)
+    labels = _labels(n, 5, gen)
+    t = torch.randint(0, 4, (n, d), generator=gen).float()
+    fwd = triplet.triplet_forward(x, t, labels)
+    m = ref.batch_hard_mining(ref.pairwise_euclidean(x.double()), labels)
+    assert torch.equal(fwd.ap_idx.long(), m.ap_idx) and torch.equal(fwd.an_idx.long(), m.an_idx)
+    xg = x.clone().requires_grad_()
+    hard, soft = triton_ops.triplet_pair_losses(xg, t, labels)
+    (hard + soft).backward()
+    x64 = x.double().requires_grad_()
+    r_hard, r_soft = ref.triplet_pair_losses(x64, t.double(), labels)
+    (r_hard + r_soft).backward()
+    torch.testing.assert_close(hard.double(), r_hard.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(soft.double(), r_soft.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_all_distinct_labels_self_is_positive(gen):
+    """Only self as positive: d_ap is exactly sqrt(1e-12) even for large-norm rows (no diagonal noise)."""
+    n, d = 37, 129
+    x = (torch.randn(n, d, generator=gen) * 30 + 50)
+    labels = torch.randperm(n, generator=gen)
+    fwd = triplet.triplet_forward(x, x.flip(0).contiguous(), labels)
+    assert torch.equal(fwd.ap_idx.long(), torch.arange(n))
+    assert torch.all(fwd.d_ap == torch.tensor(1e-12, dtype=torch.float32).sqrt())
+    _check(x, x.flip(0).contiguous(), labels, gen)
+
+
+def test_one_identity_gives_zero_loss_and_gradient(gen):
+    x = _features(9, 33, torch.float32, gen).requires_grad_()
+    labels = torch.full((9,), 3)
+    hard, soft = triton_ops.triplet_pair_losses(x, _features(9, 33, torch.float32, gen), labels)
+    (hard + soft).backward()
+    assert hard.item() == 0.0 and soft.item() == 0.0
+    assert torch.count_nonzero(x.grad) == 0
+
+
+def test_non_contiguous_inputs_and_teacher_gets_no_gradient(gen):
+    base = _features(129, 64, torch.float32, gen)
+    x = base.t()[:, :64]  # (64 x 129) strided view
+    t = _features(129, 64, torch.float32, gen).t()[:, :64]
+    assert not x.is_contiguous() and not t.is_contiguous()
+    t.requires_grad_()
+    _check(x, t.detach(), _labels(64, 16, gen), gen)
+    hard, soft = triton_ops.triplet_pair_losses(x.detach().requires_grad_(), t, _labels(64, 16, gen))
+    (hard + soft).backward()
+    assert t.grad is None
+
+
+def test_single_loss_wrappers_and_dispatch(gen):
+    n, d = 24, 17
+    x, t, labels = _features(n, d, torch.float32, gen), _features(n, d, torch.float32, gen), _labels(n, 6, gen)
+    x64 = x.double()
+    torch.testing.assert_close(losses.softmax_triplet_loss(x, labels, backend="triton").double(),
+                               ref.softmax_triplet_loss(x64, labels), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(losses.soft_softmax_triplet_loss(x, t, labels, backend="triton").double(),
+                               ref.soft_softmax_triplet_loss(x64, t.double(), labels), rtol=2e-5, atol=1e-6)
+    # the hard-only kernel path (no teacher) has the hard loss's gradient
+    xg, xr = x.clone().requires_grad_(), x64.clone().requires_grad_()
+    triton_ops.softmax_triplet_loss(xg, labels).backward()
+    ref.softmax_triplet_loss(xr, labels).backward()
+    torch.testing.assert_close(xg.grad.double(), xr.grad, rtol=1e-4, atol=1e-4 * xr.grad.abs().max().item())
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(8, 5)
+    lab = torch.zeros(8, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"teacher_features has shape \(8, 4\)"):
+        triton_ops.triplet_pair_losses(x, torch.randn(8, 4), lab)
+    with pytest.raises(ValueError, match=r"labels must have shape \(8,\)"):
+        triton_ops.triplet_pair_losses(x, x, lab[:7])
+    with pytest.raises(TypeError, match="labels must be int64"):
+        triton_ops.softmax_triplet_loss(x, lab.int())
+    with pytest.raises(ValueError, match="must be 2-D"):
+        triton_ops.softmax_triplet_loss(x.view(-1), lab)
+    with pytest.raises(TypeError, match="float64"):
+        triton_ops.softmax_triplet_loss(x.double(), lab)
+    with pytest.raises(ValueError, match="non-empty"):
+        triton_ops.softmax_triplet_loss(torch.randn(0, 5), lab[:0])
