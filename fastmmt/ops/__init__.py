@@ -4,7 +4,7 @@ Every op takes ``backend``: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPR
 torch), ``"torch"`` (the reference in :mod:`fastmmt.ops.reference`) or ``"triton"``.
 """
 from fastmmt.ops._dispatch import resolve_backend
-from fastmmt.ops.ema import ema_alpha, ema_update_
+from fastmmt.ops.ema import ema_alpha, ema_update_, ema_update_module_
 from fastmmt.ops.losses import (
     cross_entropy_label_smooth,
     logits_pair_losses,
@@ -26,6 +26,7 @@ from fastmmt.ops.modules import (
 __all__ = [
     "CrossEntropyLabelSmooth", "MMTLoss", "MMTLossOutput", "SoftEntropy", "SoftmaxTripletLoss",
     "SoftSoftmaxTripletLoss", "cross_entropy_label_smooth", "ema_alpha", "ema_update_",
+    "ema_update_module_",
     "logits_pair_losses", "mmt_loss", "pairwise_euclidean", "resolve_backend", "soft_entropy",
     "soft_softmax_triplet_loss", "softmax_triplet_loss", "triplet_pair_losses",
 ]

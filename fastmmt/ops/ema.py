@@ -1,15 +1,22 @@
 """Mean-teacher (EMA) parameter update: ``t <- alpha * t + (1 - alpha) * s``, in place.
 
-Backends: ``foreach`` (``torch._foreach_lerp_``, always available) and ``loop`` (one
-``mul_``/``add_`` pair per tensor, as the original MMT code does; kept for benchmarks).
+Backends: ``ext`` (the compiled extension ``fastmmt._C``: one call for all tensors, C++ with
+``at::parallel_for`` on CPU, a multi-tensor kernel on CUDA when built with CUDA), ``foreach``
+(``torch._foreach_lerp_``, always available) and ``loop`` (one ``mul_``/``add_`` pair per tensor,
+as the original MMT code does; kept for benchmarks). ``auto`` picks ``ext`` when the extension
+imports and supports the tensors' device, else ``foreach``.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
+from torch import nn
 
-EMA_BACKENDS = ("auto", "foreach", "loop")
+EMA_BACKENDS = ("auto", "ext", "foreach", "loop")
+_EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def ema_alpha(step: int, max_alpha: float = 0.999) -> float:
@@ -17,7 +24,26 @@ def ema_alpha(step: int, max_alpha: float = 0.999) -> float:
     return min(1.0 - 1.0 / (step + 1), max_alpha)
 
 
+@functools.lru_cache(maxsize=None)
+def load_extension() -> ModuleType | None:
+    """The compiled ``fastmmt._C`` module, or None when it was not built."""
+    try:
+        from fastmmt import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def ext_supports(device: torch.device) -> bool:
+    """True when ``fastmmt._C`` is built and can update tensors on ``device``."""
+    ext = load_extension()
+    if ext is None:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and ext.has_cuda())
+
+
 def _check(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], alpha: float) -> None:
+    """Validate everything before any write (the extension re-checks with its own messages)."""
     if len(teacher) != len(student):
         raise ValueError(f"ema_update_: {len(teacher)} teacher tensors but {len(student)} student tensors")
     if not 0.0 <= float(alpha) <= 1.0:
@@ -29,20 +55,83 @@ def _check(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], alp
                 f"student {tuple(s.shape)} {s.dtype} {s.device}")
 
 
+def _resolve(backend: str, teacher: Sequence[torch.Tensor]) -> str:
+    if backend not in EMA_BACKENDS:
+        raise ValueError(f"unknown EMA backend {backend!r}; expected one of {EMA_BACKENDS}")
+    if backend == "ext" and load_extension() is None:
+        raise RuntimeError("EMA backend 'ext' requested but fastmmt._C is not built "
+                           "(reinstall with `pip install -e . --no-build-isolation`)")
+    if backend != "auto":
+        return backend
+    if load_extension() is None:
+        return "foreach"
+    devices = {t.device for t in teacher}
+    dtypes = {t.dtype for t in teacher}
+    one_device_ok = len(devices) <= 1 and all(ext_supports(d) for d in devices)
+    contiguous = all(t.is_contiguous() for t in teacher)
+    return "ext" if one_device_ok and contiguous and dtypes <= set(_EXT_DTYPES) else "foreach"
+
+
 @torch.no_grad()
 def ema_update_(
     teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], alpha: float, backend: str = "auto"
 ) -> str:
-    """Update every teacher tensor in place; returns the name of the backend that ran."""
-    if backend not in EMA_BACKENDS:
-        raise ValueError(f"unknown EMA backend {backend!r}; expected one of {EMA_BACKENDS}")
+    """Update every teacher tensor in place; returns the name of the backend that ran.
+
+    Nothing is written when the inputs are invalid (lengths, shapes, dtypes, devices, and for
+    ``ext`` contiguity and dtype in float32/float16/bfloat16).
+    """
     teacher, student = list(teacher), list(student)
+    name = _resolve(backend, teacher)
     _check(teacher, student, alpha)
-    if not teacher:
-        return "foreach" if backend == "auto" else backend
-    if backend == "loop":
+    if name == "ext":
+        load_extension().ema_update_(teacher, student, float(alpha))
+    elif name == "loop":
         for t, s in zip(teacher, student):
             t.mul_(alpha).add_(s, alpha=1.0 - alpha)
-        return "loop"
-    torch._foreach_lerp_(teacher, student, 1.0 - alpha)
-    return "foreach"
+    elif teacher:
+        torch._foreach_lerp_(teacher, student, 1.0 - alpha)
+    return name
+
+
+def _parameter_lists(
+    teacher: nn.Module | Sequence[nn.Module], student: nn.Module | Sequence[nn.Module]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Pair the parameters of teacher/student modules by name, checking names and shapes."""
+    teachers = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+    students = [student] if isinstance(student, nn.Module) else list(student)
+    if len(teachers) != len(students):
+        raise ValueError(f"ema_update_module_: {len(teachers)} teacher modules but {len(students)} students")
+    t_all: list[torch.Tensor] = []
+    s_all: list[torch.Tensor] = []
+    for k, (tm, sm) in enumerate(zip(teachers, students)):
+        tp, sp = dict(tm.named_parameters()), dict(sm.named_parameters())
+        if tp.keys() != sp.keys():
+            only_t, only_s = sorted(tp.keys() - sp.keys()), sorted(sp.keys() - tp.keys())
+            raise ValueError(f"ema_update_module_: module pair {k} has different parameters: "
+                             f"only in teacher {only_t}, only in student {only_s}")
+        for name, t in tp.items():
+            s = sp[name]
+            if t.shape != s.shape:
+                raise ValueError(f"ema_update_module_: module pair {k} parameter {name!r}: teacher "
+                                 f"shape {tuple(t.shape)} vs student {tuple(s.shape)} (was the "
+                                 "classifier replaced in only one of them?)")
+            t_all.append(t)
+            s_all.append(s)
+    return t_all, s_all
+
+
+def ema_update_module_(
+    teacher: nn.Module | Sequence[nn.Module],
+    student: nn.Module | Sequence[nn.Module],
+    alpha: float,
+    backend: str = "auto",
+) -> str:
+    """Mean-teacher update of PARAMETERS ONLY (buffers such as BN running stats untouched).
+
+    Parameters are paired by name and re-read on every call, so a classifier replaced in both
+    networks is picked up; a mismatch raises before anything is written. Pass lists of modules
+    (e.g. both teachers and both students) to update them all in one call. Returns the backend.
+    """
+    t_all, s_all = _parameter_lists(teacher, student)
+    return ema_update_(t_all, s_all, alpha, backend)
