@@ -1,0 +1,70 @@
+"""Feature extraction: run a model over a test loader and collect features in dataset order."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+def _batch_parts(batch: object) -> tuple[torch.Tensor, ...]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 4:
+        got = f"{type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) \
+            else type(batch).__name__
+        raise ValueError(f"loader must yield (images, pids, camids, indices), got {got}")
+    return tuple(torch.as_tensor(x) for x in batch)
+
+
+def extract_features(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
+                     progress: bool = True, channels_last: bool = False,
+                     amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features (N, D) float32 on CPU, pids (N,) and camids (N,) int64, sorted by dataset index.
+
+    ``loader`` yields ``(images, pids, camids, indices)`` batches (as
+    :func:`fastmmt.data.build_test_loader` does); rows are placed by ``indices`` so any batch
+    order gives the same result, and a repeated index is an error. The model runs in eval mode
+    (switched for the call and restored after) under ``torch.inference_mode``, on ``device``,
+    optionally with channels_last inputs and ``torch.autocast(amp_dtype)``. The tqdm progress
+    bar shows only when ``progress`` is true and stderr is a terminal.
+    """
+    device = torch.device(device)
+    feats, pids, camids, indices = [], [], [], []
+    total = len(loader) if hasattr(loader, "__len__") else None
+    bar = tqdm(loader, total=total, desc="extract", unit="batch", leave=False,
+               disable=not progress or not sys.stderr.isatty())
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), amp:
+            for batch in bar:
+                images, pid, camid, index = _batch_parts(batch)
+                sizes = (images.shape[0], pid.numel(), camid.numel(), index.numel())
+                if len(set(sizes)) != 1:
+                    raise ValueError(f"batch sizes disagree: images {sizes[0]}, pids {sizes[1]}, "
+                                     f"camids {sizes[2]}, indices {sizes[3]}")
+                x = images.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out = model(x)
+                if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+                    raise ValueError(f"model must return (batch, D) features in eval mode, got "
+                                     f"{getattr(out, 'shape', type(out).__name__)} for {x.shape[0]} images")
+                feats.append(out.float().cpu())
+                pids.append(pid.reshape(-1).long().cpu())
+                camids.append(camid.reshape(-1).long().cpu())
+                indices.append(index.reshape(-1).long().cpu())
+    finally:
+        model.train(was_training)
+        bar.close()
+    if not feats:
+        raise ValueError("loader yielded no batches")
+    index = torch.cat(indices)
+    order = torch.argsort(index)
+    if (index[order][1:] == index[order][:-1]).any():
+        dup = index[order][1:][index[order][1:] == index[order][:-1]][:5].tolist()
+        raise ValueError(f"loader yielded repeated dataset indices, e.g. {dup}")
+    return torch.cat(feats)[order], torch.cat(pids)[order], torch.cat(camids)[order]
