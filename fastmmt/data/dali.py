@@ -224,15 +224,16 @@ class _DaliLoaderBase:
     def __init__(self, records: Sequence[ImageRecord], workers: int, on_error: str, device: str | None,
                  channels_last: bool, cache: bool) -> None:
         require_dali()
-        if workers < 1:
-            raise ValueError(f"DALI needs workers (threads) >= 1, got {workers}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
         self.records = list(records)
         if not self.records:
             raise ValueError("no records to load")
         self.device = _resolve_device(device)
         self.torch_device = torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" \
             else torch.device("cpu")
-        self.workers, self.channels_last = workers, channels_last
+        self.workers = max(1, workers)  # DALI threads; 0 (torch: load in-process) means 1
+        self.channels_last = channels_last
         self.images = EncodedImages([r.path for r in self.records], cache=cache)
         self.policy = ErrorPolicy(on_error)
         self.pids = np.array([r.pid for r in self.records], dtype=np.int64)

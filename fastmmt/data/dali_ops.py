@@ -168,9 +168,8 @@ def train_pipeline(source: Callable[[], tuple], *, batch_size: int, height: int,
         views = []
         for v in range(num_views):
             flip, start, e_anchor, e_shape = feeds[2 + VIEW_COLUMNS * v: 2 + VIEW_COLUMNS * (v + 1)]
-            x = img if pad == 0 else fn.slice(img, start, crop_shape, axes=(0, 1), normalized_anchor=False,
-                                              normalized_shape=False, out_of_bounds_policy="pad",
-                                              fill_values=0)
+            x = fn.slice(img, start, crop_shape, axes=(0, 1), normalized_anchor=False,
+                         normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
             x = _normalize(x, mean, std, channels_last, mirror=flip)
             x = fn.erase(x, anchor=e_anchor, shape=e_shape, axis_names=layout_axes,
                          fill_value=list(erase_fill))

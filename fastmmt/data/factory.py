@@ -1,0 +1,67 @@
+"""Choose the input pipeline: DALI wherever it imports, the torch reference otherwise.
+
+``backend="auto"`` picks ``"dali"`` when NVIDIA DALI is importable, else ``"torch"``;
+``"dali"`` and ``"torch"`` force one. Both training loaders share one interface
+(``epoch(epoch, iters)``, ``set_labels``, :class:`~fastmmt.data.TrainBatch`), and both test
+loaders yield ``(images, pids, camids, indices)`` in record order, so callers never branch.
+Keyword options only the DALI loaders know (``on_error``, ``device``, ``channels_last``,
+``cache``, ``prefetch``, ...) go in ``dali_options`` and are rejected with the torch backend.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from fastmmt.data import loaders as torch_loaders
+from fastmmt.data.dali_ops import DALI_IMPORT_ERROR
+from fastmmt.data.records import ImageRecord
+
+BACKENDS = ("auto", "dali", "torch")
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI imports in this environment."""
+    return DALI_IMPORT_ERROR is None
+
+
+def resolve_data_backend(backend: str = "auto") -> str:
+    """``"auto"`` -> ``"dali"`` if DALI imports else ``"torch"``; validates explicit choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"data backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "dali" if dali_available() else "torch"
+    if backend == "dali" and not dali_available():
+        raise ImportError(f"backend='dali' requested but NVIDIA DALI does not import "
+                          f"({DALI_IMPORT_ERROR}); use backend='torch'")
+    return backend
+
+
+def _torch_only(dali_options: dict[str, Any]) -> None:
+    if dali_options:
+        raise TypeError(f"options {sorted(dali_options)} exist only for the DALI backend")
+
+
+def build_train_loader(records: Sequence[ImageRecord], labels: np.ndarray, height: int, width: int,
+                       batch_size: int = 64, num_instances: int = 4, num_views: int = 1,
+                       workers: int = 2, seed: int = 0, erase: bool = True, backend: str = "auto",
+                       **dali_options: Any):
+    """A P x K training loader (:class:`DaliTrainLoader` or :class:`TorchTrainLoader`)."""
+    args = (records, labels, height, width, batch_size, num_instances, num_views, workers, seed, erase)
+    if resolve_data_backend(backend) == "dali":
+        from fastmmt.data.dali import DaliTrainLoader
+        return DaliTrainLoader(*args, **dali_options)
+    _torch_only(dali_options)
+    return torch_loaders.TorchTrainLoader(*args)
+
+
+def build_test_loader(records: Sequence[ImageRecord], height: int, width: int, batch_size: int = 128,
+                      workers: int = 2, backend: str = "auto", **dali_options: Any) -> Iterable:
+    """An ordered extraction loader yielding ``(images, pids, camids, indices)`` batches, the
+    last partial batch included."""
+    if resolve_data_backend(backend) == "dali":
+        from fastmmt.data.dali import DaliTestLoader
+        return DaliTestLoader(records, height, width, batch_size, workers, **dali_options)
+    _torch_only(dali_options)
+    return torch_loaders.build_test_loader(records, height, width, batch_size, workers)
