@@ -1,0 +1,81 @@
+"""P x K identity sampler: runs of K images per identity, cross-camera positives first."""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+class IdentitySampler(torch.utils.data.Sampler[int]):
+    """Yields dataset indices in runs of ``num_instances`` (K) images of one identity.
+
+    Per pass: identities (pid >= 0; negative pids such as DBSCAN outliers are excluded) in random
+    order; per identity one random anchor, then K-1 images drawn from the identity's images on
+    OTHER cameras when it has any (without replacement when there are at least K-1 of them, with
+    replacement otherwise); with no other camera, from its other images on the anchor's camera
+    (same rule); a singleton identity repeats its only image. Every identity yields exactly K
+    indices, so consecutive chunks of ``P*K`` indices are P x K batches.
+
+    Deterministic: pass ``r`` of epoch ``e`` uses ``numpy.random.default_rng([seed, e, r])``;
+    every ``iter()`` starts the next pass, and :meth:`set_epoch` resets the pass counter.
+    """
+
+    def __init__(self, pids: Sequence[int], camids: Sequence[int], num_instances: int = 4,
+                 seed: int = 0) -> None:
+        pids_a, cams_a = np.asarray(pids, dtype=np.int64), np.asarray(camids, dtype=np.int64)
+        if pids_a.ndim != 1 or pids_a.shape != cams_a.shape:
+            raise ValueError(f"pids and camids must be 1-D of equal length, got shapes "
+                             f"{pids_a.shape} and {cams_a.shape}")
+        if num_instances < 1:
+            raise ValueError(f"num_instances must be >= 1, got {num_instances}")
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, pid in enumerate(pids_a.tolist()):
+            if pid >= 0:
+                groups[pid].append(i)
+        if not groups:
+            raise ValueError(f"no identity with pid >= 0 among {len(pids_a)} samples")
+        self.identities = sorted(groups)
+        self._members = [np.asarray(groups[p], dtype=np.int64) for p in self.identities]
+        self._cams = [cams_a[m] for m in self._members]
+        self.num_instances, self.seed = num_instances, seed
+        self.epoch, self._pass = 0, 0
+
+    @property
+    def num_identities(self) -> int:
+        """Number of identities (pid >= 0) sampled per pass."""
+        return len(self.identities)
+
+    def __len__(self) -> int:
+        return self.num_identities * self.num_instances
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose passes the next iterations produce."""
+        self.epoch, self._pass = epoch, 0
+
+    def order(self, epoch: int, pass_index: int = 0) -> np.ndarray:
+        """The indices of pass ``pass_index`` of ``epoch`` (a pure function of the seed)."""
+        rng = np.random.default_rng([self.seed, epoch, pass_index])
+        k = self.num_instances
+        out = np.empty((self.num_identities, k), dtype=np.int64)
+        for row, ident in enumerate(rng.permutation(self.num_identities)):
+            members, cams = self._members[ident], self._cams[ident]
+            a = int(rng.integers(len(members)))
+            out[row, 0] = members[a]
+            if k == 1:
+                continue
+            others = np.flatnonzero(cams != cams[a])
+            if others.size == 0:
+                others = np.delete(np.arange(len(members)), a)
+            if others.size == 0:
+                out[row, 1:] = members[a]
+                continue
+            pick = rng.choice(others, size=k - 1, replace=others.size < k - 1)
+            out[row, 1:] = members[pick]
+        return out.reshape(-1)
+
+    def __iter__(self) -> Iterator[int]:
+        idx = self.order(self.epoch, self._pass)
+        self._pass += 1
+        return iter(idx.tolist())
