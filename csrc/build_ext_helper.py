@@ -16,9 +16,10 @@ NAME = "fastmmt._C"
 CPU_SOURCES = ["csrc/ema.cpp"]
 CUDA_SOURCES = ["csrc/ema_cuda_binding.cpp", "csrc/ema_kernel.cu"]
 # -fopenmp in compile AND link flags, else at::parallel_for runs on one thread.
-CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+# No -std: torch's BuildExtension picks the standard its headers need (C++20 for torch 2.13).
+CXX_FLAGS = ["-O3", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3", "-std=c++17"]
+NVCC_FLAGS = ["-O3"]
 CUDA_MACRO = ("FASTMMT_WITH_CUDA", "1")
 
 

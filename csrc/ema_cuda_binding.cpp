@@ -1,8 +1,8 @@
-// Torch side of the CUDA path: turns validated tensor lists into raw pointers and sizes and calls
+// Torch side of the CUDA path (c10 CUDA headers only: no cuBLAS/cuSPARSE headers needed): turns validated tensor lists into raw pointers and sizes and calls
 // the launcher in ema_kernel.cu on the current stream of the tensors' device. Compiled only when
 // the extension is built with CUDA (FASTMMT_WITH_CUDA).
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
 #include "ema.h"
@@ -33,7 +33,7 @@ void ema_update_cuda(const std::vector<at::Tensor>& teacher, const std::vector<a
   }
   const int err = fastmmt_ema_cuda_launch(t_ptr.data(), s_ptr.data(), numel.data(),
                                           static_cast<int>(t_ptr.size()), code, a, b,
-                                          at::cuda::getCurrentCUDAStream().stream());
+                                          c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "ema_update_: CUDA kernel launch failed: ",
               fastmmt_ema_cuda_error_string(err));
 }

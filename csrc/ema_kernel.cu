@@ -26,6 +26,7 @@ struct TensorListMeta {
   unsigned char block_to_tensor[kMaxBlocks];
   int block_to_chunk[kMaxBlocks];
 };
+static_assert(sizeof(TensorListMeta) <= 4096, "kernel argument over the 4 KiB limit");
 
 template <typename T> struct Cvt;
 template <> struct Cvt<float> {
