@@ -68,5 +68,4 @@ def logits_pair_losses(
     """(label-smoothed CE, soft entropy) of one student, in one pass over the logits when fused."""
     if resolve_backend(backend, student_logits) == "triton":
         return _triton().logits_pair_losses(student_logits, teacher_logits, labels, epsilon)
-    return (ref.cross_entropy_label_smooth(student_logits, labels, epsilon),
-            ref.soft_entropy(student_logits, teacher_logits))
+    return ref.logits_pair_losses(student_logits, teacher_logits, labels, epsilon)

@@ -33,6 +33,20 @@ def cross_entropy_label_smooth(logits: torch.Tensor, labels: torch.Tensor, epsil
     return ((1.0 - epsilon) * nll - (epsilon / k) * logp.sum(1)).mean()
 
 
+def logits_pair_losses(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label-smoothed CE, soft entropy) of one student sharing one log-softmax; the same values
+    as :func:`cross_entropy_label_smooth` and :func:`soft_entropy`."""
+    dt = _compute_dtype(student_logits)
+    logp = F.log_softmax(student_logits.to(dt), dim=1)
+    k = student_logits.shape[1]
+    nll = -logp.gather(1, labels.view(-1, 1)).squeeze(1)
+    ce = ((1.0 - epsilon) * nll - (epsilon / k) * logp.sum(1)).mean()
+    target = F.softmax(teacher_logits.detach().to(dt), dim=1)
+    return ce, (-target * logp).sum(1).mean()
+
+
 def soft_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """``mean_i sum_c -softmax(teacher)_ic * log_softmax(student)_ic``; teacher detached."""
     dt = _compute_dtype(student_logits)
@@ -44,8 +58,11 @@ def pairwise_euclidean(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.
     """Euclidean distances between the rows of x and y (y = x when None), spec's clamp and sqrt."""
     dt = _compute_dtype(x)
     xs = x.to(dt)
+    sq_x = xs.pow(2).sum(1)
     ys = xs if y is None else y.to(dt)
-    d2 = xs.pow(2).sum(1, keepdim=True) + ys.pow(2).sum(1).unsqueeze(0) - 2.0 * xs @ ys.t()
+    sq_y = sq_x if y is None else ys.pow(2).sum(1)
+    # 2 * (x @ y^T) scales the N x N product (exactly), not the N x D input: same values, less work.
+    d2 = sq_x.unsqueeze(1) + sq_y.unsqueeze(0) - 2.0 * (xs @ ys.t())
     if y is None:
         eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
         d2 = d2.masked_fill(eye, 0.0)
@@ -70,9 +87,11 @@ def batch_hard_mining(dist: torch.Tensor, labels: torch.Tensor) -> Mining:
     return Mining(ap_idx, an_idx, has_neg)
 
 
-def _pair_distance(a: torch.Tensor, b: torch.Tensor, same_row: torch.Tensor) -> torch.Tensor:
-    """Row-wise spec distance ||a_i - b_i||, exactly sqrt(1e-12) where ``same_row``."""
-    d2 = a.pow(2).sum(1) + b.pow(2).sum(1) - 2.0 * (a * b).sum(1)
+def _pair_distance(a: torch.Tensor, b: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor,
+                   same_row: torch.Tensor) -> torch.Tensor:
+    """Row-wise spec distance ||a_i - b_i|| from the rows and their squared norms, exactly
+    sqrt(1e-12) where ``same_row``."""
+    d2 = sq_a + sq_b - 2.0 * (a * b).sum(1)
     return d2.masked_fill(same_row, 0.0).clamp(min=EPS_SQ).sqrt()
 
 
@@ -97,8 +116,9 @@ def teacher_pair_distances(teacher: torch.Tensor, m: Mining) -> tuple[torch.Tens
     """Teacher distances at the student's mined pairs only (2 per row), detached."""
     t = teacher.detach().to(_compute_dtype(teacher))
     rows = torch.arange(t.shape[0], device=t.device)
-    t_ap = _pair_distance(t, t[m.ap_idx], m.ap_idx == rows)
-    t_an = _pair_distance(t, t[m.an_idx], m.an_idx == rows)
+    sq = t.pow(2).sum(1)
+    t_ap = _pair_distance(t, t[m.ap_idx], sq, sq[m.ap_idx], m.ap_idx == rows)
+    t_an = _pair_distance(t, t[m.an_idx], sq, sq[m.an_idx], m.an_idx == rows)
     return t_ap, t_an
 
 
