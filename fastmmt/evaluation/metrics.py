@@ -70,14 +70,13 @@ def _ranks_by_count(dist: torch.Tensor, match: torch.Tensor, keep: torch.Tensor,
     ``k + #kept wrong entries in bins <= k``.
     """
     b, g = dist.shape
-    bits = dist.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    mag = bits & 0x7FFFFFFF
-    key = torch.where(bits < 0, -mag, mag).add_(1 << 31).mul_(g)  # -0.0 and +0.0 share a key
-    key += torch.arange(g, device=dist.device)
+    bits = (dist.to(torch.float32) + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    bits ^= (bits >> 31) & 0x7FFFFFFF  # IEEE bits -> int32 with the order of the floats
+    key = bits.to(torch.int64).mul_(g).add_(torch.arange(g, device=dist.device))
+    del bits
     match_keys = torch.topk(torch.where(match, key, _INT64_MAX), mmax, dim=1, largest=False,
                             sorted=True).values
-    others = torch.where(keep & ~match, key, _INT64_MAX)
-    del key
+    others = key.masked_fill_(match | ~keep, _INT64_MAX)
     bins = torch.searchsorted(match_keys, others)  # INT64_MAX lands at or after the last match
     counts = torch.zeros(b, mmax + 1, dtype=torch.int64, device=dist.device)
     counts.scatter_add_(1, bins, torch.ones(1, dtype=torch.int64, device=dist.device).expand_as(bins))
