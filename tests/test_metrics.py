@@ -166,3 +166,12 @@ def test_bad_inputs_are_named() -> None:
         rank_metrics(bad, qp, gp, qc, gc, chunk_size=2)
     with pytest.raises(ValueError, match="no query has a true match"):
         rank_metrics(dist, np.full(5, 99), gp, qc, gc)
+
+
+def test_accepts_strided_numpy_and_tensors_that_require_grad() -> None:
+    dist, qp, gp, qc, gc = random_problem(30, 200, 10, 3, seed=4)
+    ref = reference_metrics(dist, qp, gp, qc, gc)
+    flipped = np.ascontiguousarray(dist[:, ::-1])[:, ::-1]  # negative strides, same values
+    assert rank_metrics(flipped, qp, gp, qc, gc).mAP == pytest.approx(ref[0], abs=1e-12)
+    t = torch.tensor(dist, dtype=torch.float32, requires_grad=True)
+    assert rank_metrics(t, qp, gp, qc, gc).mAP == pytest.approx(ref[0], abs=1e-6)

@@ -104,6 +104,7 @@ def _chunk_stats(dist: torch.Tensor, q_pids: torch.Tensor, q_cams: torch.Tensor,
     return ap, ranks[:, 0], valid
 
 
+@torch.no_grad()
 def _aggregate(dist_rows: Callable[[int, int], torch.Tensor], num_q: int, num_g: int,
                q_pids: torch.Tensor, g_pids: torch.Tensor, q_cams: torch.Tensor, g_cams: torch.Tensor,
                ranks: Sequence[int], chunk_size: int | None) -> RankMetrics:
@@ -147,7 +148,7 @@ def rank_metrics(distmat: torch.Tensor | np.ndarray, q_pids: ArrayLike, g_pids: 
     float32/16 distances use an exact sort-free ranking; float64 ones a stable sort. See the
     module docstring for ties and how AP differs from scikit-learn's on them.
     """
-    dist = torch.from_numpy(distmat) if isinstance(distmat, np.ndarray) else distmat
+    dist = torch.from_numpy(np.ascontiguousarray(distmat)) if isinstance(distmat, np.ndarray) else distmat
     if not isinstance(dist, torch.Tensor) or dist.dim() != 2 or not dist.is_floating_point():
         raise ValueError(f"distmat must be a 2-D floating (Q, G) matrix, got "
                          f"{getattr(dist, 'shape', type(dist))} {getattr(dist, 'dtype', '')}")
