@@ -67,3 +67,38 @@ def dense_re_ranking(q_g, q_q, g_g, k1, k2, lam):
     d, _, vq = dense_encoding(full, k1, k2)
     jac = dense_jaccard(vq)
     return ((1 - lam) * jac + lam * d)[:nq, nq:]
+
+
+# --- checks of the reference itself on a case small enough to do by hand ------------------------
+
+def _hand_case():
+    """Points 0, 1, 10, 11 on a line, k1 = 1, k2 = 1: two reciprocal pairs {0,1} and {2,3}."""
+    x = np.array([[0.0], [1.0], [10.0], [11.0]])
+    # squared distances / row max: row 0 max 121, row 1 max 100, row 2 max 100, row 3 max 121
+    w0 = np.exp(-np.array([0.0, 1 / 121]))
+    w1 = np.exp(-np.array([1 / 100, 0.0]))
+    v0, v1 = w0 / w0.sum(), w1 / w1.sum()
+    j01 = 1 - np.minimum(v0, v1).sum() / np.maximum(v0, v1).sum()
+    w2 = np.exp(-np.array([0.0, 1 / 100]))
+    w3 = np.exp(-np.array([1 / 121, 0.0]))
+    v2, v3 = w2 / w2.sum(), w3 / w3.sum()
+    j23 = 1 - np.minimum(v2, v3).sum() / np.maximum(v2, v3).sum()
+    expected = np.ones((4, 4))
+    np.fill_diagonal(expected, 0.0)
+    expected[0, 1] = expected[1, 0] = j01
+    expected[2, 3] = expected[3, 2] = j23
+    return x, expected
+
+
+def test_reference_matches_hand_computed_case():
+    x, expected = _hand_case()
+    _, _, vq = dense_encoding(dense_sq_euclidean(x), k1=1, k2=1)
+    np.testing.assert_allclose(dense_jaccard(vq), expected, atol=1e-12)
+
+
+def test_reference_eps_hand_case():
+    jac = np.array([[0, 0.2, 0.5, 1], [0.2, 0, 0.1, 0.4], [0.5, 0.1, 0, 0], [1, 0.4, 0, 0]], float)
+    # positive upper entries: 0.2 0.5 1 0.1 0.4 (the 0 at (2, 3) is not positive): P = 5
+    assert dense_eps(jac, 0.4) == (0.1 + 0.2) / 2
+    assert dense_eps(jac, 0.5) == (0.1 + 0.2) / 2  # round(2.5) = 2 (half to even)
+    assert dense_eps(jac, 0.7) == (0.1 + 0.2 + 0.4 + 0.5) / 4

@@ -32,9 +32,14 @@ def sq_norms(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).sum(1)
 
 
-def knn_exact(x: torch.Tensor, k: int, *, block: int = 2048, progress: bool = False) -> Neighbours:
-    """Exact k-NN of every row of ``x`` among all rows (self included at distance 0)."""
+def knn_exact(x: torch.Tensor, k: int, *, block: int | None = None, progress: bool = False) -> Neighbours:
+    """Exact k-NN of every row of ``x`` among all rows (self included at distance 0).
+
+    Rows go in blocks of ``block`` (default: 2048, fewer when N is large, so that one block of
+    distances stays under 2^26 entries).
+    """
     n = x.shape[0]
+    block = block or max(64, min(2048, 2**26 // n))
     norms = sq_norms(x)
     ids = np.empty((n, k), dtype=np.int64)
     dist = np.empty((n, k), dtype=np.float64)

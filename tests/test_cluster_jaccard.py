@@ -1,0 +1,106 @@
+"""Sparse k-reciprocal Jaccard distance vs the dense published algorithm (float64, in tests)."""
+import numpy as np
+import pytest
+import torch
+
+from fastmmt.cluster import ClusterError, SparseJaccard, k_reciprocal_jaccard
+from fastmmt.cluster.knn import knn_exact, knn_hnsw
+from test_cluster_reference import (_hand_case, dense_encoding, dense_jaccard,
+                                    dense_sq_euclidean)
+
+
+def blobs(n, d, centers, noise, seed):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, d))
+    y = rng.integers(0, centers, n)
+    x = c[y] + noise * rng.standard_normal((n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True), y
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, _ = blobs(180, 24, 12, 0.8, seed=1)
+    _, _, vq = dense_encoding(dense_sq_euclidean(x), 20, 6)
+    return x, dense_jaccard(vq)
+
+
+def test_sparse_equals_dense_reference(data):
+    x, ref = data
+    jac = k_reciprocal_jaccard(torch.from_numpy(x), 20, 6)
+    assert isinstance(jac, SparseJaccard)
+    dense = jac.to_dense()
+    np.testing.assert_allclose(dense, ref, atol=1e-5)
+    # the support is exactly the set of pairs with Jaccard < 1, and each row is sorted
+    assert jac.nnz == int((ref < 1).sum())
+    for r in (0, 57, 179):
+        ids, _ = jac.row(r)
+        assert np.all(np.diff(ids) > 0)
+    assert np.all(np.diag(dense) == 0)
+
+
+def test_dense_option_and_numpy_input(data):
+    x, ref = data
+    out = k_reciprocal_jaccard(x, 20, 6, dense=True, num_threads=1)
+    assert out.shape == (180, 180) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("k1,k2", [(4, 1), (7, 3), (10, 11)])
+def test_other_k(k1, k2):
+    x, _ = blobs(90, 16, 6, 1.0, seed=k1)
+    _, _, vq = dense_encoding(dense_sq_euclidean(x), k1, k2)
+    np.testing.assert_allclose(k_reciprocal_jaccard(x, k1, k2, dense=True), dense_jaccard(vq), atol=1e-5)
+
+
+def test_fewer_points_than_k1():
+    x, _ = blobs(12, 8, 3, 0.5, seed=3)
+    _, _, vq = dense_encoding(dense_sq_euclidean(x), 20, 6)
+    np.testing.assert_allclose(k_reciprocal_jaccard(x, 20, 6, dense=True), dense_jaccard(vq), atol=1e-5)
+
+
+def test_hand_computed_case():
+    x, expected = _hand_case()
+    np.testing.assert_allclose(k_reciprocal_jaccard(x, 1, 1, dense=True), expected, atol=1e-7)
+
+
+def test_float32_features_close_to_float64(data):
+    x, ref = data
+    out = k_reciprocal_jaccard(torch.from_numpy(x).float(), 20, 6, dense=True)
+    assert np.abs(out - ref).max() < 1e-3
+
+
+def test_knn_exact_matches_sort(data):
+    x, _ = data
+    nb = knn_exact(torch.from_numpy(x), 21, block=64)
+    d = dense_sq_euclidean(x)
+    np.testing.assert_array_equal(nb.ids, np.argsort(d, axis=1, kind="stable")[:, :21])
+    np.testing.assert_allclose(nb.dist, np.sort(d, axis=1)[:, :21], atol=1e-12)
+    np.testing.assert_allclose(nb.row_max, d.max(axis=1), rtol=1e-12)
+
+
+def test_knn_hnsw_recall_and_row_max(data):
+    x, _ = data
+    exact = knn_exact(torch.from_numpy(x).float(), 21)
+    approx = knn_hnsw(torch.from_numpy(x).float(), 21)
+    assert np.all(approx.ids[:, 0] == np.arange(len(x)))
+    recall = np.mean([len(np.intersect1d(a, b)) / 21 for a, b in zip(approx.ids, exact.ids)])
+    assert recall > 0.98
+    # a max over (a subset of) the same distances: never above the exact maximum
+    assert np.all(approx.row_max <= exact.row_max + 1e-5)
+    assert np.all(approx.row_max >= approx.dist[:, -1] - 1e-6)
+    out = k_reciprocal_jaccard(x, 20, 6, index="hnsw", dense=True)
+    assert out.shape == (len(x), len(x)) and np.all(np.diag(out) == 0)
+
+
+def test_bad_input():
+    x = np.random.default_rng(0).standard_normal((30, 4))
+    with pytest.raises(ClusterError, match="k2"):
+        k_reciprocal_jaccard(x, 5, 7)
+    bad = x.copy()
+    bad[[3, 9]] = np.nan
+    with pytest.raises(ClusterError, match="2 of 30 rows"):
+        k_reciprocal_jaccard(bad)
+    with pytest.raises(ClusterError, match="empty"):
+        k_reciprocal_jaccard(np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="unknown k-NN index"):
+        k_reciprocal_jaccard(x, index="ivf")
