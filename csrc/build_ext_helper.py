@@ -17,7 +17,7 @@ CPU_SOURCES = ["csrc/ema.cpp"]
 CUDA_SOURCES = ["csrc/ema_cuda_binding.cpp", "csrc/ema_kernel.cu"]
 # -fopenmp in compile AND link flags, else at::parallel_for runs on one thread.
 # No -std: torch's BuildExtension picks the standard its headers need (C++20 for torch 2.13).
-CXX_FLAGS = ["-O3", "-fopenmp"]
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp"]  # -g0: no debug info (Python's CFLAGS add -g)
 LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3"]
 CUDA_MACRO = ("FASTMMT_WITH_CUDA", "1")
@@ -69,6 +69,14 @@ def _make_build_ext():
 
     class SafeBuildExt(BuildExtension):
         """build_ext that falls back CUDA -> CPU-only -> no extension instead of failing."""
+
+        def run(self) -> None:
+            # BuildExtension checks the compiler before any extension is built: failures there too.
+            try:
+                super().run()
+            except Exception as err:
+                _warn(f"build failed ({err}); installing without the extension "
+                      "(fastmmt.ops falls back to torch._foreach_lerp_)")
 
         def build_extension(self, ext) -> None:
             try:
