@@ -115,16 +115,26 @@ def _median_seconds(run, reps: int = 15) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _is_aten(ev) -> bool:
+    return ev.name.startswith("aten::")
+
+
 def count_launches(run) -> int:
-    """Leaf aten ops (excluding views and allocations) of one call: the kernels it launches."""
+    """Kernels one call runs: top-level aten ops (no aten ancestor) that are not views,
+    allocations or no-op casts (``to``/``contiguous`` that call nothing)."""
     run()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run()
     n = 0
     for ev in prof.events():
-        if ev.name.startswith("aten::") and ev.name not in NO_KERNEL:
-            if not any(c.name.startswith("aten::") and c.name not in NO_KERNEL for c in ev.cpu_children):
-                n += 1
+        if not _is_aten(ev) or ev.name in NO_KERNEL:
+            continue
+        parent = ev.cpu_parent
+        while parent is not None and not _is_aten(parent):
+            parent = parent.cpu_parent
+        no_op = ev.name in ("aten::to", "aten::contiguous") and not any(_is_aten(c) for c in ev.cpu_children)
+        if parent is None and not no_op:
+            n += 1
     return n
 
 
@@ -171,7 +181,7 @@ _COMPILED = None
 def _compiled_mmt(**kw):
     global _COMPILED
     if _COMPILED is None:
-        _COMPILED = torch.compile(_torch_mmt, dynamic=False)
+        _COMPILED = torch.compile(_torch_mmt)  # one static graph, then one dynamic-shape graph
     return _COMPILED(**kw)
 
 
@@ -193,3 +203,52 @@ def test_mmt_loss_triton_cuda(benchmark, n, k):
     x = _inputs(n, k, "cuda")
     ref = _median_seconds(_step(separate_mmt, x))
     _record(benchmark, x, _step(lambda **kw: mmt_loss(**kw, backend="triton"), x), "(d) mmt_loss triton", ref)
+
+
+# ---- launch counts (not timed): python bench/bench_mmt_loss.py ---------------------------------
+class _CountingKernel:
+    """Stands in for a jitted Triton kernel: counts launches, computes nothing."""
+
+    def __init__(self, counter: list[int]) -> None:
+        self.counter = counter
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs) -> None:
+            self.counter[0] += 1
+        return launch
+
+
+def count_triton_variant(n: int = 64, k: int = 500) -> tuple[int, int]:
+    """(Triton kernels, other aten kernels) of one ``mmt_loss(backend="triton")`` forward + backward.
+
+    The Triton kernels are replaced by counting stubs (so it runs without a GPU; the values are
+    then meaningless) and the remaining torch work is counted like the torch variants.
+    """
+    from fastmmt.kernels import distance, logits, triplet
+
+    counter = [0]
+    names = [(logits, "_logits_fwd"), (logits, "_logits_bwd"), (triplet, "_triplet_fwd"),
+             (triplet, "_triplet_bwd"), (distance, "_pairwise_fwd"), (distance, "_pairwise_bwd")]
+    saved = [getattr(mod, name) for mod, name in names]
+    try:
+        for mod, name in names:
+            setattr(mod, name, _CountingKernel(counter))
+        run = _step(lambda **kw: mmt_loss(**kw, backend="triton"), _inputs(n, k))
+        run()
+        counter[0] = 0
+        others = count_launches(run)
+        return counter[0] // 2, others  # count_launches runs the step twice
+    finally:
+        for (mod, name), fn in zip(names, saved):
+            setattr(mod, name, fn)
+
+
+if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # import triton without a GPU (kernels are stubbed)
+    x64 = _inputs(64, 500)
+    print("separate modules (a):", count_launches(_step(separate_mmt, x64)), "aten kernels")
+    print("mmt_loss torch   (b):", count_launches(_step(_torch_mmt, x64)), "aten kernels")
+    tri, other = count_triton_variant()
+    print(f"mmt_loss triton  (d): {tri} Triton kernels + {other} other aten kernels")

@@ -45,8 +45,8 @@ def _check_labels(labels: torch.Tensor, n: int, device: torch.device, num_classe
         raise TypeError(f"labels must be int64, got {labels.dtype}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the inputs are on {device}")
-    if num_classes is not None:
-        lo, hi = int(labels.min()), int(labels.max())
+    if num_classes is not None:  # one reduction and one host sync
+        lo, hi = (int(v) for v in torch.aminmax(labels))
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"labels must lie in [0, {num_classes}) for {num_classes} classes, got [{lo}, {hi}]")
     return labels.contiguous()
@@ -54,8 +54,10 @@ def _check_labels(labels: torch.Tensor, n: int, device: torch.device, num_classe
 
 def _grad_pair(g_a: torch.Tensor | None, g_b: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """The two upstream scalar gradients as one float32 device vector (None -> 0), no host sync."""
-    zero = torch.zeros((), dtype=torch.float32, device=like.device)
-    return torch.stack([zero if g is None else g.to(torch.float32) for g in (g_a, g_b)])
+    if g_a is None or g_b is None:
+        zero = torch.zeros((), dtype=torch.float32, device=like.device)
+        g_a, g_b = (zero if g is None else g for g in (g_a, g_b))
+    return torch.stack([g_a, g_b]).to(torch.float32)
 
 
 class _LogitsPair(torch.autograd.Function):
@@ -64,8 +66,8 @@ class _LogitsPair(torch.autograd.Function):
         out = logits.logits_forward(student, teacher, labels, epsilon)
         ctx.save_for_backward(student, teacher, labels, out.lse)
         ctx.epsilon, ctx.has_teacher, ctx.has_labels = epsilon, teacher is not None, labels is not None
-        n = student.shape[0]
-        return out.row_losses[0].sum() / n, out.row_losses[1].sum() / n
+        means = out.row_losses.sum(1) / student.shape[0]
+        return means[0], means[1]
 
     @staticmethod
     def backward(ctx, g_ce, g_se):
@@ -82,8 +84,8 @@ class _TripletPair(torch.autograd.Function):
     def forward(ctx, student, teacher, labels):
         out = triplet.triplet_forward(student, teacher, labels)
         ctx.save_for_backward(student, out.ap_idx, out.an_idx, out.aux)
-        n = student.shape[0]
-        return out.row_losses[0].sum() / n, out.row_losses[1].sum() / n
+        means = out.row_losses.sum(1) / student.shape[0]
+        return means[0], means[1]
 
     @staticmethod
     def backward(ctx, g_hard, g_soft):
