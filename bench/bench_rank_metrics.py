@@ -19,6 +19,7 @@ from fastmmt.evaluation import evaluate_features, pairwise_sq_euclidean, rank_me
 NQ, NG, IDS, CAMS, DIM = 3368, 15913, 751, 6, 256
 DISTRACTORS = 2793  # Market-1501's gallery: 15,913 images after junk removal, 2,793 of id 0
 REF_QUERIES = 400
+NOISE = 2.0  # per-dimension noise vs unit-variance id centres: mAP in the tens of percent
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def market():
     q_cams, g_cams = rng.integers(0, CAMS, NQ), rng.integers(0, CAMS, NG)
 
     def feats(pids: np.ndarray) -> torch.Tensor:
-        x = centers[pids] + 1.2 * rng.standard_normal((len(pids), DIM)).astype(np.float32)
+        x = centers[pids] + NOISE * rng.standard_normal((len(pids), DIM)).astype(np.float32)
         return torch.nn.functional.normalize(torch.from_numpy(x))
 
     qf, gf = feats(q_pids), feats(g_pids)
@@ -59,7 +60,7 @@ def reference_loop(distmat: np.ndarray, q_pids, g_pids, q_cams, g_cams, topk: in
 
 @pytest.fixture(scope="module")
 def reference(market):
-    """Seconds per query of the reference loop and its mAP on the timed subset."""
+    """Seconds per query of the reference loop (timed once, on the subset) and its mAP there."""
     d = market["dist"].numpy()
     args = (d[:REF_QUERIES], market["q_pids"][:REF_QUERIES], market["g_pids"], market["q_cams"][:REF_QUERIES],
             market["g_cams"])
@@ -79,15 +80,6 @@ def _report(benchmark, reference, market, result) -> None:
                        market["q_cams"][:REF_QUERIES], market["g_cams"])
     # same quantity as the reference (up to sklearn's tie rule on rare float32 ties)
     assert abs(sub.mAP - reference["mAP"]) < 1e-3
-
-
-def test_reference_loop_subset(benchmark, market) -> None:
-    d = market["dist"].numpy()[:REF_QUERIES]
-    benchmark.pedantic(reference_loop, args=(d, market["q_pids"][:REF_QUERIES], market["g_pids"],
-                                             market["q_cams"][:REF_QUERIES], market["g_cams"]),
-                       rounds=1, iterations=1)
-    benchmark.extra_info.update(queries=REF_QUERIES, scaled_to_all_queries=round(
-        benchmark.stats.stats.median * NQ / REF_QUERIES, 3))
 
 
 def test_rank_metrics_float32(benchmark, market, reference) -> None:
