@@ -103,3 +103,5 @@ def test_bad_parameters():
         TrainTransform(32, 16, erase_area=(0.5, 0.1))
     with pytest.raises(ValueError, match="flip_p"):
         TrainTransform(32, 16, flip_p=1.5)
+    with pytest.raises(ValueError, match="3x32x16 uint8 tensor"):
+        TrainTransform(32, 16)(torch.zeros(3, 8, 8, dtype=torch.uint8))

@@ -87,10 +87,13 @@ def _identities(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     up_a = rng.integers(nc, size=n)
     up_b = (up_a + rng.integers(1, nc, size=n)) % nc  # a different second colour
     cloth = PALETTES["cloth"]
-    jit = lambda c: np.clip(c + rng.normal(0, 0.04, c.shape), 0, 1).astype(np.float32)  # noqa: E731
+
+    def jitter(c: np.ndarray) -> np.ndarray:
+        return np.clip(c + rng.normal(0, 0.04, c.shape), 0, 1).astype(np.float32)
+
     return dict(
         skin=pick("skin", 0.02), hair=pick("hair"), shoe=pick("shoe"),
-        up_a=jit(cloth[up_a]), up_b=jit(cloth[up_b]), low=pick("cloth"), bag=pick("cloth"), hat_colour=pick("cloth"),
+        up_a=jitter(cloth[up_a]), up_b=jitter(cloth[up_b]), low=pick("cloth"), bag=pick("cloth"), hat_colour=pick("cloth"),
         up_tex=rng.integers(5, size=n),            # plain, h-stripes, v-stripes, checks, chest logo
         period=rng.choice(np.array([0.035, 0.05, 0.07], dtype=np.float32), size=n),
         short_sleeves=rng.random(n) < 0.4,
