@@ -82,7 +82,8 @@ def _random_state(shapes: dict[str, tuple[int, ...]], seed: int = 1) -> dict[str
     ("resnet_ibn50a", 25_557_032 - 2_049_000),  # IN(affine) has as many parameters as the BN it replaces
 ])
 def test_full_width_backbone_parameter_count(arch: str, n_params: int) -> None:
-    backbone = build_backbone(arch)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        backbone = build_backbone(arch)
     assert sum(p.numel() for p in backbone.parameters()) == n_params
 
 
@@ -112,11 +113,20 @@ def test_feature_map_size_for_256x128(last_stride: int, size: tuple[int, int]) -
     assert tuple(fmap.shape[2:]) == size
 
 
+@pytest.mark.parametrize("arch", ["resnet50", "resnet_ibn50a"])
+def test_full_width_feature_map_for_256x128(arch: str) -> None:
+    with torch.device("meta"):  # shape inference only
+        model = build_model(arch, 5)
+        fmap = model.backbone(torch.empty(2, 3, 256, 128))
+    assert fmap.shape == (2, 2048, 16, 8) and model.feat_dim == 2048
+
+
 def test_resnet50_full_width_once() -> None:
-    model = build_model("resnet50", 5)
+    model = build_model("resnet50", 5).eval()
     with torch.no_grad():
-        fmap = model.backbone(torch.randn(1, 3, 64, 32))
-    assert fmap.shape == (1, 2048, 4, 2) and model.feat_dim == 2048
+        emb = model(torch.randn(1, 3, 64, 32))
+    assert emb.shape == (1, 2048)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(1))
 
 
 def _maxpool_input(arch: str) -> torch.Tensor:
