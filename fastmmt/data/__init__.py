@@ -14,3 +14,9 @@ __all__ = [
     "TrainTransform", "build_test_loader", "generate_domains", "generate_synthetic", "load_dataset",
     "load_image", "relabel",
 ]
+
+# DALI input pipelines and the backend switch (docs/pipelines.md). The backend-switching test
+# loader is fastmmt.data.factory.build_test_loader (the name here stays the torch one).
+from fastmmt.data.factory import build_train_loader, dali_available, resolve_data_backend  # noqa: E402
+
+__all__ += ["build_train_loader", "dali_available", "resolve_data_backend"]

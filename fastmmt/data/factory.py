@@ -15,15 +15,20 @@ from typing import Any
 import numpy as np
 
 from fastmmt.data import loaders as torch_loaders
-from fastmmt.data.dali_ops import DALI_IMPORT_ERROR
 from fastmmt.data.records import ImageRecord
 
 BACKENDS = ("auto", "dali", "torch")
 
 
+def _dali_import_error() -> Exception | None:
+    """Why DALI does not import (None when it does); imported on first use (about 2 s)."""
+    from fastmmt.data.dali_ops import DALI_IMPORT_ERROR
+    return DALI_IMPORT_ERROR
+
+
 def dali_available() -> bool:
     """Whether NVIDIA DALI imports in this environment."""
-    return DALI_IMPORT_ERROR is None
+    return _dali_import_error() is None
 
 
 def resolve_data_backend(backend: str = "auto") -> str:
@@ -34,7 +39,7 @@ def resolve_data_backend(backend: str = "auto") -> str:
         return "dali" if dali_available() else "torch"
     if backend == "dali" and not dali_available():
         raise ImportError(f"backend='dali' requested but NVIDIA DALI does not import "
-                          f"({DALI_IMPORT_ERROR}); use backend='torch'")
+                          f"({_dali_import_error()}); use backend='torch'")
     return backend
 
 

@@ -1,0 +1,205 @@
+"""DALI loaders: P x K batches, labels, epochs, errors, and the backend factory (CPU DALI)."""
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmmt.data import ImageReadError, ImageRecord, TorchTrainLoader
+from fastmmt.data.dali import DaliTestLoader, DaliTrainLoader
+from fastmmt.data.factory import build_test_loader, build_train_loader, resolve_data_backend
+
+H, W = 32, 16
+
+
+def jpeg_bytes(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:40, 0:20]
+    arr = np.stack([yy * 6, xx * 12, np.full_like(yy, 40 + seed % 200)], -1) + rng.integers(0, 20, (40, 20, 3))
+    buf = io.BytesIO()
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def dataset(tmp_path) -> list[ImageRecord]:
+    """12 identities x 5 images over 3 cameras, each a distinct JPEG."""
+    recs = []
+    for pid in range(12):
+        for k in range(5):
+            path = tmp_path / f"{pid:02d}_c{k % 3}_{k}.jpg"
+            path.write_bytes(jpeg_bytes(pid * 5 + k))
+            recs.append(ImageRecord(str(path), pid, k % 3))
+    return recs
+
+
+def pids_of(recs):
+    return np.array([r.pid for r in recs], dtype=np.int64)
+
+
+def check_pk(batch, labels: np.ndarray, recs, p: int, k: int) -> None:
+    """P x K: P distinct labels, K consecutive images each, labels/cameras of the indices."""
+    idx = batch.indices.numpy()
+    assert len(idx) == p * k and all(v.shape == (p * k, 3, H, W) for v in batch.views)
+    np.testing.assert_array_equal(batch.labels.numpy(), labels[idx])
+    np.testing.assert_array_equal(batch.camids.numpy(), [recs[i].camid for i in idx])
+    groups = batch.labels.numpy().reshape(p, k)
+    assert (groups == groups[:, :1]).all() and len(set(groups[:, 0])) == p
+    assert (groups >= 0).all()
+
+
+def test_batches_are_pk_with_right_labels_and_match_torch_plan(dataset):
+    labels = pids_of(dataset)
+    dali = DaliTrainLoader(dataset, labels, H, W, batch_size=16, num_instances=4, num_views=2, seed=4)
+    ref = TorchTrainLoader(dataset, labels, H, W, batch_size=16, num_instances=4, workers=0, seed=4)
+    # 12 identities -> 3 batches per sampler pass: 7 iterations cross two pass boundaries
+    got = list(dali.epoch(2, 7))
+    want = list(ref.epoch(2, 7))
+    assert len(got) == 7
+    for g, w in zip(got, want):
+        check_pk(g, labels, dataset, 4, 4)
+        assert torch.equal(g.indices, w.indices)  # same sampler, same batch plan
+        assert g.views[0].dtype == torch.float32 and g.views[0].device.type == "cpu"
+        assert not torch.equal(g.views[0], g.views[1])  # two independent augmentations
+
+
+def test_set_labels_changes_labels_without_rebuilding(dataset):
+    labels = pids_of(dataset)
+    loader = DaliTrainLoader(dataset, labels, H, W, batch_size=8, num_instances=4, seed=1)
+    first = list(loader.epoch(0, 2))
+    pipe = loader._runner._pipe
+    assert pipe is not None
+    # new pseudo-labels: merge identities pairwise and drop identity 11 as outliers
+    new = labels // 2
+    new[labels == 11] = -1
+    loader.set_labels(new)
+    batches = list(loader.epoch(1, 4))
+    assert loader._runner._pipe is pipe  # the same DALI pipeline served both label sets
+    for b in batches:
+        check_pk(b, new, dataset, 2, 4)
+        assert not np.isin(b.indices.numpy(), np.flatnonzero(labels == 11)).any()
+    assert {int(x) for b in first for x in b.labels} <= set(range(12))
+    with pytest.raises(ValueError, match=r"shape \(60,\)"):
+        loader.set_labels(new[:-1])
+
+
+def test_epochs_are_deterministic_and_early_exit_leaks_nothing(dataset):
+    labels = pids_of(dataset)
+    a = DaliTrainLoader(dataset, labels, H, W, batch_size=8, seed=9)
+    b = DaliTrainLoader(dataset, labels, H, W, batch_size=8, seed=9)
+    for batch in a.epoch(0, 5):  # leave after one batch: later in-flight batches are dropped
+        break
+    got = list(a.epoch(1, 3))
+    want = list(b.epoch(1, 3))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.indices, w.indices) and torch.equal(g.views[0], w.views[0])
+    other = list(b.epoch(2, 3))
+    assert not torch.equal(other[0].views[0], want[0].views[0])
+
+
+def test_channels_last_output_has_same_values(dataset):
+    labels = pids_of(dataset)
+    a = next(iter(DaliTrainLoader(dataset, labels, H, W, batch_size=8, seed=2).epoch(0, 1)))
+    b = next(iter(DaliTrainLoader(dataset, labels, H, W, batch_size=8, seed=2,
+                                  channels_last=True).epoch(0, 1)))
+    assert b.views[0].shape == a.views[0].shape
+    assert b.views[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(a.views[0], b.views[0])
+
+
+def truncate(path: str) -> None:
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+def break_keeping_end_marker(path: str) -> None:
+    """Truncated but ending in a JPEG end marker: passes the cheap check, DALI fails on it."""
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2] + b"\xff\xd9")
+
+
+@pytest.mark.parametrize("damage", [truncate, break_keeping_end_marker])
+def test_unreadable_image_fail_mode_names_path(dataset, damage):
+    bad = dataset[7]
+    damage(bad.path)
+    labels = pids_of(dataset)
+    train = DaliTrainLoader(dataset, labels, H, W, batch_size=48, num_instances=4, seed=0)
+    with pytest.raises(ImageReadError) as err:  # 12 ids x 4 = every identity in each batch
+        for _ in train.epoch(0, 3):
+            pass
+    assert err.value.path == bad.path and bad.path in str(err.value)
+    test = DaliTestLoader(dataset, H, W, batch_size=16)
+    with pytest.raises(ImageReadError, match=bad.path):
+        list(test)
+
+
+@pytest.mark.parametrize("damage", [truncate, break_keeping_end_marker])
+def test_unreadable_image_skip_mode_substitutes_same_label(dataset, damage):
+    bad_index = 7
+    damage(dataset[bad_index].path)
+    labels = pids_of(dataset)
+    train = DaliTrainLoader(dataset, labels, H, W, batch_size=48, num_instances=4, seed=0,
+                            on_error="skip")
+    with pytest.warns(RuntimeWarning, match=dataset[bad_index].path):
+        batches = list(train.epoch(0, 4))
+    assert len(batches) == 4
+    for b in batches:
+        check_pk(b, labels, dataset, 12, 4)  # still P x K, the stand-in has the same label
+        assert bad_index not in b.indices.tolist()
+    assert train.skipped >= 1 and train.policy.bad_paths == [dataset[bad_index].path]
+    test = DaliTestLoader(dataset, H, W, batch_size=16, on_error="skip")
+    with pytest.warns(RuntimeWarning):
+        seen = [i for *_, idx in test for i in idx.tolist()]
+    assert seen == [i for i in range(len(dataset)) if i != bad_index] and test.skipped == 1
+
+
+def test_missing_file_and_unsubstitutable_identity(dataset, tmp_path):
+    recs = dataset + [ImageRecord(str(tmp_path / "gone.jpg"), 99, 0)]
+    labels = np.append(pids_of(dataset), 99)
+    test = DaliTestLoader(recs, H, W, batch_size=16)
+    with pytest.raises(ImageReadError, match="gone.jpg.*no such file"):
+        list(test)
+    only = labels.copy()
+    only[:] = -1
+    only[-1] = 0  # a single identity whose only image is missing: nothing to substitute
+    only[:4] = 1
+    loader = DaliTrainLoader(recs, only, H, W, batch_size=8, num_instances=4, on_error="skip")
+    with pytest.warns(RuntimeWarning), pytest.raises(ImageReadError, match="no readable image of label 0"):
+        list(loader.epoch(0, 1))
+
+
+def test_bad_arguments_are_named(dataset):
+    labels = pids_of(dataset)
+    with pytest.raises(ValueError, match="on_error"):
+        DaliTrainLoader(dataset, labels, H, W, batch_size=8, on_error="ignore")
+    with pytest.raises(ValueError, match="multiple of num_instances"):
+        DaliTrainLoader(dataset, labels, H, W, batch_size=10)
+    with pytest.raises(ValueError, match="device"):
+        DaliTestLoader(dataset, H, W, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            DaliTestLoader(dataset, H, W, device="gpu")
+
+
+def test_factory_backends(dataset):
+    labels = pids_of(dataset)
+    assert resolve_data_backend("auto") == "dali"  # DALI imports in this environment
+    assert isinstance(build_train_loader(dataset, labels, H, W, batch_size=8), DaliTrainLoader)
+    torch_loader = build_train_loader(dataset, labels, H, W, batch_size=8, workers=0, backend="torch")
+    assert isinstance(torch_loader, TorchTrainLoader)
+    with pytest.raises(TypeError, match="on_error"):
+        build_train_loader(dataset, labels, H, W, batch_size=8, backend="torch", on_error="skip")
+    with pytest.raises(ValueError, match="data backend"):
+        build_test_loader(dataset, H, W, backend="opencv")
+    d = build_test_loader(dataset, H, W, batch_size=16, backend="dali")
+    t = build_test_loader(dataset, H, W, batch_size=16, workers=0, backend="torch")
+    for (xd, pd, cd, id_), (xt, pt, ct, it) in zip(d, t, strict=True):
+        assert torch.equal(id_, it) and torch.equal(pd, pt) and torch.equal(cd, ct)
+        assert (xd - xt).abs().max() <= 0.105  # resize kernels differ (see test_dali_pipeline)
+    counts = Counter(int(i) for b in build_train_loader(dataset, labels, H, W, batch_size=8).epoch(0, 3)
+                     for i in b.labels)
+    assert all(c % 4 == 0 for c in counts.values())
