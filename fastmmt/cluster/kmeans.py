@@ -1,8 +1,9 @@
-"""k-means with FAISS: k-means++ seeding, several restarts, exact L2 assignment.
+"""k-means with FAISS: greedy k-means++ seeding, restarts, exact L2 assignment.
 
-The reference MMT ran scikit-learn's KMeans (k-means++, 10 restarts). fastmmt runs FAISS's
-Lloyd iterations with its k-means++ initialisation and keeps the best of ``nredo`` restarts; on a
-GPU (``faiss.get_num_gpus() > 0``) the assignment step runs on a ``GpuIndexFlatL2``.
+The reference MMT ran scikit-learn's KMeans (k-means++, 10 restarts). fastmmt seeds with greedy
+k-means++ (:mod:`fastmmt.cluster.seeding`), runs FAISS's Lloyd iterations and keeps the best of
+``nredo`` restarts; on a GPU (``faiss.get_num_gpus() > 0``) the assignment step runs on a
+``GpuIndexFlatL2``.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import torch
 
 from fastmmt.cluster._threads import limited_threads
 from fastmmt.cluster.result import ClusterError, ClusterResult, as_feature_tensor, cluster_means
+from fastmmt.cluster.seeding import kmeans_plusplus
 
 KMEANS_BACKENDS = ("auto", "faiss", "faiss-gpu")
-KMEANS_INITS = {"k-means++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
-                "random": faiss.ClusteringInitMethod_RANDOM}
+KMEANS_INITS = ("k-means++", "random")
 
 
 def resolve_kmeans_backend(backend: str) -> str:
@@ -50,17 +51,19 @@ def kmeans(
     niter: int = 100,
     nredo: int = 1,
     init: str = "k-means++",
-    tol: float = 1e-4,
+    seed_dim: int | None = 256,
     backend: str = "auto",
     num_threads: int | None = None,
     progress: bool = False,
 ) -> ClusterResult:
     """Cluster ``features`` (N, D) into ``k`` groups; labels and centroids from the final assignment.
 
-    Lloyd iterations stop after ``niter`` or when the objective improves by less than ``tol``
-    (relative); the best of ``nredo`` restarts is kept. Centroids are the means of the final
-    clusters. FAISS splits empty clusters during training; if the final assignment still leaves
-    a cluster empty it is dropped and the ids are compacted (``info["empty_clusters"]``).
+    ``init``: ``"k-means++"`` (greedy, measured in a ``seed_dim`` random projection; None = in
+    the full space) or ``"random"`` (FAISS's random points). FAISS's Lloyd iterations run until
+    its convergence check stops them, at most ``niter``; the best of ``nredo`` restarts (seeds
+    ``seed``, ``seed + 1``, ...) is kept. Centroids are the means of the final clusters. FAISS
+    splits empty clusters during training; if the final assignment still leaves a cluster
+    empty it is dropped and the ids are compacted (``info["empty_clusters"]``).
     """
     t0 = time.perf_counter()
     x = as_feature_tensor(features)
@@ -70,37 +73,50 @@ def kmeans(
     if k > n:
         raise ClusterError(f"k-means with k={k} clusters needs at least k samples, got N={n}")
     if init not in KMEANS_INITS:
-        raise ClusterError(f"unknown k-means init {init!r}; choose one of {sorted(KMEANS_INITS)}")
+        raise ClusterError(f"unknown k-means init {init!r}; choose one of {KMEANS_INITS}")
     if niter < 1 or nredo < 1:
         raise ClusterError(f"niter and nredo must be >= 1, got niter={niter}, nredo={nredo}")
     backend = resolve_kmeans_backend(backend)
     xs = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
 
-    cp = faiss.ClusteringParameters()
-    cp.niter, cp.nredo, cp.seed = int(niter), int(nredo), int(seed)
-    cp.init_method = KMEANS_INITS[init]
-    cp.early_stop_threshold = float(tol)
-    cp.max_points_per_centroid = n  # never subsample: every point takes part
-    cp.min_points_per_centroid = 1  # re-ID has ~26 images per centroid: no warning spam
-    cp.verbose = bool(progress)
-    clus = faiss.Clustering(d, int(k), cp)
     index, _res = _flat_l2_index(backend, d)
-    with limited_threads(num_threads):
-        clus.train(xs, index)
-        centroids = faiss.vector_float_to_array(clus.centroids).reshape(int(k), d)
+    best, iterations = None, 0
+    with limited_threads(num_threads), torch.no_grad():
+        for redo in range(int(nredo)):
+            clus = _lloyd(x, xs, int(k), seed + redo, int(niter), init, seed_dim, index, progress)
+            stats = clus.iteration_stats
+            iterations += stats.size()
+            obj = stats.at(stats.size() - 1).obj
+            if best is None or obj < best[0]:
+                best = (obj, faiss.vector_float_to_array(clus.centroids).reshape(int(k), d))
         index.reset()
-        index.add(centroids)
+        index.add(best[1])
         _, assign = index.search(xs, 1)
-    stats = clus.iteration_stats
-    iterations = stats.size()
     labels, num_empty = _compact(assign[:, 0].astype(np.int64), int(k))
     num_clusters = int(k) - num_empty
     means = cluster_means(x, labels, num_clusters)
     diff = x.to(torch.float64) - means.to(x.device, torch.float64)[torch.as_tensor(labels, device=x.device)]
     inertia = float(diff.pow(2).sum())
-    info = {"inertia": inertia, "backend": backend, "iterations": iterations, "niter": niter,
+    info = {"inertia": inertia, "backend": backend, "iterations": iterations, "init": init,
             "nredo": nredo, "empty_clusters": num_empty, "seconds": time.perf_counter() - t0}
     return ClusterResult(labels=labels, centroids=means, num_clusters=num_clusters, info=info)
+
+
+def _lloyd(x: torch.Tensor, xs: np.ndarray, k: int, seed: int, niter: int, init: str,
+           seed_dim: int | None, index: faiss.Index, progress: bool) -> faiss.Clustering:
+    """One FAISS k-means run from the requested initialisation."""
+    cp = faiss.ClusteringParameters()
+    cp.niter, cp.nredo, cp.seed = niter, 1, seed
+    cp.max_points_per_centroid = xs.shape[0]  # never subsample: every point takes part
+    cp.min_points_per_centroid = 1  # re-ID has ~26 images per centroid: no warning spam
+    cp.verbose = progress
+    clus = faiss.Clustering(xs.shape[1], k, cp)
+    if init == "k-means++":
+        start = xs[kmeans_plusplus(x, k, seed, seed_dim).cpu().numpy()]
+        faiss.copy_array_to_vector(np.ascontiguousarray(start).ravel(), clus.centroids)
+    index.reset()
+    clus.train(xs, index)
+    return clus
 
 
 def _compact(labels: np.ndarray, k: int) -> tuple[np.ndarray, int]:

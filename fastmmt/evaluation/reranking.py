@@ -73,7 +73,7 @@ def iter_re_ranking_blocks(qf: torch.Tensor | np.ndarray, gf: torch.Tensor | np.
     x = torch.cat([q, g.to(q.device, q.dtype)])
     with limited_threads(num_threads), torch.no_grad():
         nb = knn(x, min(k1 + 1, x.shape[0]), index=index, progress=progress)
-        v = encode(nb.ids, feature_pair_distance(x, nb.row_max), k1, progress=progress)
+        v = encode(nb.ids, feature_pair_distance(x, nb), k1, progress=progress)
         v = query_expand(v, nb.ids, k2, progress=progress)
         jac = jaccard_rows(v, np.arange(nq), progress=progress)
         norms = sq_norms(x)

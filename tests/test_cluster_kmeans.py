@@ -1,0 +1,141 @@
+"""FAISS k-means: quality vs scikit-learn, centroids, determinism, errors, GPU branch selection."""
+import faiss
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import normalized_mutual_info_score as nmi
+
+from fastmmt.cluster import ClusterError, kmeans
+from fastmmt.cluster._threads import limited_threads
+from fastmmt.cluster.kmeans import resolve_kmeans_backend
+from test_cluster_jaccard import blobs
+
+
+@pytest.fixture(scope="module")
+def data():
+    return blobs(1200, 32, 40, 0.9, seed=7)
+
+
+def test_quality_vs_sklearn_kmeanspp(data):
+    x, y = data
+    res = kmeans(x, 40, seed=0, nredo=3)
+    ref = KMeans(40, init="k-means++", n_init=10, random_state=0).fit(x)
+    assert res.info["inertia"] <= ref.inertia_ * 1.02
+    assert nmi(y, res.labels) >= nmi(y, ref.labels_) - 0.01
+    assert nmi(y, res.labels) > 0.95
+
+
+def test_labels_centroids_inertia_consistent(data):
+    x, _ = data
+    res = kmeans(torch.from_numpy(x).float(), 40, seed=1)
+    assert res.labels.dtype == np.int64 and res.labels.shape == (len(x),)
+    assert res.num_clusters == 40 == len(np.unique(res.labels)) and res.labels.min() == 0
+    assert res.centroids.dtype == torch.float32 and res.centroids.shape == (40, 32)
+    means = np.stack([x[res.labels == c].mean(0) for c in range(40)])
+    np.testing.assert_allclose(res.centroids.numpy(), means, atol=1e-6)
+    inertia = ((x - means[res.labels]) ** 2).sum()
+    assert res.info["inertia"] == pytest.approx(inertia, rel=1e-5)
+    # final labels are the nearest centroid among FAISS's last centroids: each point is at
+    # least as close to its own cluster mean as a k-means fixed point allows (Lloyd converged)
+    d = ((x[:, None, :] - means[None]) ** 2).sum(-1)
+    assert (d.argmin(1) == res.labels).mean() > 0.99
+
+
+@pytest.mark.parametrize("init,seed_dim", [("k-means++", 256), ("k-means++", 8), ("random", None)])
+def test_deterministic_with_seed(data, init, seed_dim):
+    x, _ = data
+    a = kmeans(x, 40, seed=3, nredo=2, init=init, seed_dim=seed_dim)
+    b = kmeans(x, 40, seed=3, nredo=2, init=init, seed_dim=seed_dim)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert torch.equal(a.centroids, b.centroids)
+
+
+def test_restarts_keep_the_best(data):
+    x, _ = data
+    singles = [kmeans(x, 40, seed=s).info["inertia"] for s in (5, 6, 7)]
+    assert kmeans(x, 40, seed=5, nredo=3).info["inertia"] == pytest.approx(min(singles), rel=1e-6)
+
+
+def test_k_equals_n_and_duplicates():
+    x = np.repeat(np.eye(5, dtype=np.float32), 3, axis=0)  # 5 distinct points, 3 copies each
+    res = kmeans(x, 5, seed=0)
+    assert res.num_clusters == 5
+    assert nmi(np.repeat(np.arange(5), 3), res.labels) == pytest.approx(1.0)
+    res = kmeans(x[::3][:4], 4)
+    assert sorted(res.labels.tolist()) == [0, 1, 2, 3]
+
+
+def test_empty_clusters_are_compacted():
+    # 8 points but only 2 distinct values: at most 2 non-empty clusters whatever FAISS does
+    x = np.array([[0.0, 0.0]] * 4 + [[5.0, 5.0]] * 4, dtype=np.float32)
+    res = kmeans(x, 4, seed=0)
+    assert res.num_clusters == len(np.unique(res.labels)) == res.centroids.shape[0]
+    assert res.info["empty_clusters"] == 4 - res.num_clusters
+    assert set(res.labels.tolist()) == set(range(res.num_clusters))
+    assert res.labels[0] != res.labels[-1]
+
+
+def test_errors():
+    x = np.random.default_rng(0).standard_normal((10, 3)).astype(np.float32)
+    with pytest.raises(ClusterError, match="k=11 .* N=10"):
+        kmeans(x, 11)
+    with pytest.raises(ClusterError, match="positive integer"):
+        kmeans(x, 0)
+    bad = x.copy()
+    bad[4, 1] = np.inf
+    with pytest.raises(ClusterError, match="1 of 10 rows"):
+        kmeans(bad, 2)
+    with pytest.raises(ClusterError, match="empty"):
+        kmeans(np.zeros((0, 3), np.float32), 1)
+    with pytest.raises(ClusterError, match="2-D"):
+        kmeans(np.zeros(5, np.float32), 1)
+    with pytest.raises(ClusterError, match="init"):
+        kmeans(x, 2, init="afk-mc2")
+    with pytest.raises(ClusterError, match="backend"):
+        kmeans(x, 2, backend="sklearn")
+    with pytest.raises(ClusterError, match="get_num_gpus"):
+        kmeans(x, 2, backend="faiss-gpu")
+
+
+def test_thread_limit_is_scoped():
+    before = (faiss.omp_get_max_threads(), torch.get_num_threads())
+    with limited_threads(1):
+        assert faiss.omp_get_max_threads() == 1 and torch.get_num_threads() == 1
+    assert (faiss.omp_get_max_threads(), torch.get_num_threads()) == before
+    with pytest.raises(ValueError, match="num_threads"):
+        with limited_threads(0):
+            pass
+
+
+def test_gpu_branch_selected_when_faiss_sees_a_gpu(monkeypatch, data):
+    """No GPU here: fake FAISS's GPU classes by CPU ones and run the whole GPU code path."""
+    x, _ = data
+    calls = []
+
+    class FakeResources:
+        def __init__(self):
+            calls.append("resources")
+
+    class FakeConfig:
+        device = -1
+
+    def fake_gpu_index(res, d, cfg):
+        assert isinstance(res, FakeResources) and cfg.device == 0
+        calls.append(("index", d))
+        return faiss.IndexFlatL2(d)
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "StandardGpuResources", FakeResources)
+    monkeypatch.setattr(faiss, "GpuIndexFlatConfig", FakeConfig)
+    monkeypatch.setattr(faiss, "GpuIndexFlatL2", fake_gpu_index)
+    assert resolve_kmeans_backend("auto") == "faiss-gpu"
+    res = kmeans(x, 40, seed=0)
+    assert res.info["backend"] == "faiss-gpu" and calls == ["resources", ("index", 32)]
+    cpu = kmeans(x, 40, seed=0, backend="faiss")
+    np.testing.assert_array_equal(res.labels, cpu.labels)
+
+
+def test_auto_is_cpu_without_gpu():
+    assert faiss.get_num_gpus() == 0
+    assert resolve_kmeans_backend("auto") == "faiss"
