@@ -18,12 +18,28 @@ def jac():
 @pytest.mark.parametrize("rho", [1.6e-3, 1e-2, 3e-2, 0.2, 0.6])
 def test_sparse_eps_equals_dense_eps(jac, rho):
     dense = jac.to_dense()
+    upper = dense[np.triu_indices(300, 1)]
+    assert not np.any((upper > 0) & (upper < 1e-3))  # no rounding-noise zeros: literal rule applies
     stored_upper = int((dense[np.triu_indices(300, 1)] < 1).sum())
     eps = dbscan_eps_from_rho(jac, rho)
     assert eps == pytest.approx(dense_eps(dense, rho), rel=1e-6, abs=1e-7)
     assert eps == pytest.approx(dbscan_eps_from_rho(dense, rho), rel=1e-6)
     if rho == 0.6:  # more pairs than the sparse support: the absent 1s enter the mean
         assert round(rho * 300 * 299 / 2) > stored_upper and eps > 0.6
+
+
+def test_equal_encodings_are_exact_zeros():
+    """Points with equal encodings are at distance exactly 0 whatever the rounding, so eps (which
+    counts only positive distances) does not depend on the scale the features came in."""
+    x, _ = blobs(300, 32, 12, 0.5, seed=11)
+    eps = []
+    for scale in (1.0, 3.0):
+        z = scale * x.astype(np.float32)
+        jac = k_reciprocal_jaccard(z / np.linalg.norm(z, axis=1, keepdims=True))
+        vals = jac.distances
+        assert not np.any((vals > 0) & (vals < 1e-6))
+        eps.append(dbscan_eps_from_rho(jac, 0.02))
+    assert eps[0] == pytest.approx(eps[1], rel=1e-5)
 
 
 def test_eps_counts_zero_distances_out():

@@ -4,6 +4,11 @@ Jaccard(i, j) = 1 - sum_k min(V'_ik, V'_jk) / sum_k max(V'_ik, V'_jk) over the k
 encoding V' (:mod:`fastmmt.cluster.encoding`); negative rounding noise is clipped to 0. Two
 points whose encodings share no column are at distance exactly 1, so only pairs that share a
 column are stored: memory is linear in N (a few hundred entries per row at k1 = 20), never N x N.
+
+Values below ``ZERO_TOL`` (1e-6) are set to exactly 0: they arise only from points whose
+encodings are equal in exact arithmetic (e.g. the same k2 nearest neighbours), where rounding
+leaves +-1e-16 noise. Without this, MMT's eps rule (which counts only POSITIVE distances) would
+flip with the summation order, changing eps by ~0.4% between mathematically equal inputs.
 """
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ from fastmmt.cluster.encoding import PairDistance, check_k, encode, query_expand
 from fastmmt.cluster.knn import Neighbours, knn, sq_norms
 from fastmmt.cluster.result import ClusterError, as_feature_tensor
 from fastmmt.cluster.sparse import CSR, gather_rows
+
+
+ZERO_TOL = 1e-6
 
 
 @dataclass
@@ -73,7 +81,8 @@ def jaccard_rows(v: CSR, rows: np.ndarray, *, block_elems: int = 4_000_000,
         rr, cc = np.nonzero(smin.reshape(len(rb), n) > 0)
         s_val = smin[rr * n + cc]
         smax = rowsum[rb[rr]] + rowsum[cc] - s_val
-        dist = np.clip(1.0 - s_val / smax, 0.0, None)
+        dist = 1.0 - s_val / smax
+        dist[dist < ZERO_TOL] = 0.0
         counts = np.bincount(rr, minlength=len(rb))
         indptr.append(offset + np.cumsum(counts))
         offset += len(cc)
