@@ -201,3 +201,20 @@ def test_gpu_graph_is_defined_and_serialised_without_a_gpu():
     assert by_name["ExternalSource"] == {"cpu"}  # bytes and draws are fed from host memory
     assert {d for _, d in cpu} <= {"cpu"}
     assert sum(n == "Erase" for n, _ in gpu) == 2  # one independent branch per view
+
+
+@pytest.mark.parametrize("kind", ["BMP", "TIFF", "jpeg_with_trailer"])
+def test_other_formats_and_trailing_bytes_are_not_rejected(tmp_path, kind):
+    """Files the cheap JPEG/PNG check cannot vouch for are decoded by Pillow once and kept."""
+    arrays = [smooth_image(32, 16, seed=s) for s in range(3)]
+    if kind == "jpeg_with_trailer":
+        recs = write_images(tmp_path, arrays)
+        for r in recs:
+            with open(r.path, "ab") as f:
+                f.write(b"camera metadata after the end marker")
+    else:
+        recs = write_images(tmp_path, arrays, "PNG")
+        for r in recs:
+            Image.open(r.path).save(r.path, format=kind)
+    got, want = dali_vs_reference(recs, 32, 16)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -63,6 +63,7 @@ class EncodedImages:
     def __init__(self, paths: Sequence[str], cache: bool = False) -> None:
         self.paths = list(paths)
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
+        self._decoded: set[int] = set()  # indices Pillow decoded fully once (not JPEG/PNG-shaped)
         self.bad: dict[int, str] = {}  # index -> reason, for every file found unreadable
 
     def __len__(self) -> int:
@@ -88,10 +89,11 @@ class EncodedImages:
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         data = self._read(i)
-        if not _looks_complete(data):
+        if i not in self._decoded and not _looks_complete(data):
             reason = _pillow_error(data)
             if reason is not None:
                 self._fail(i, reason)
+            self._decoded.add(i)
         arr = np.frombuffer(data, dtype=np.uint8)
         if self._cache is not None:
             self._cache[i] = arr
@@ -203,8 +205,8 @@ def _to_torch(tensor_list, device: torch.device, channels_last: bool = False) ->
 
     dense = tensor_list.as_tensor()
     out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    feed_ndarray(dense, out, cuda_stream=stream)
+    # no stream: a GPU copy completes before returning, so DALI may reuse its buffer afterwards
+    feed_ndarray(dense, out)
     return out.permute(0, 3, 1, 2) if channels_last else out
 
 
