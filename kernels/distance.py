@@ -94,9 +94,15 @@ def _pairwise_bwd(g_ptr, d_ptr, a_ptr, b_ptr, out_ptr, NA, NB, D, sg0, sg1, sd0,
              mask=rmask[:, None] & dmask[None, :])
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_D) of the distance and triplet kernels. The interpreter's cost is per
+# program step, so it takes few, long D steps; CUDA takes the usual tensor-core-sized tiles.
+CUDA_BLOCKS = (64, 64, 32)
+INTERPRETER_BLOCKS = (32, 32, 128)
+
+
 def block_sizes(device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D): big D steps under the CPU interpreter (cost is per step)."""
-    return (32, 32, 128) if device.type == "cpu" else (64, 64, 32)
+    """(BLOCK_M, BLOCK_N, BLOCK_D) for tensors on ``device``."""
+    return CUDA_BLOCKS if device.type == "cuda" else INTERPRETER_BLOCKS
 
 
 def pairwise_forward(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

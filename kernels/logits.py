@@ -97,9 +97,13 @@ class LogitsForward(NamedTuple):
     lse: torch.Tensor
 
 
+# (BLOCK_M, BLOCK_K): the interpreter's cost is per program step, so it takes wide row blocks.
+CUDA_BLOCKS = (4, 1024)
+INTERPRETER_BLOCKS = (32, 512)
+
+
 def _blocks(device: torch.device) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_K): wide class blocks under the CPU interpreter (cost is per step)."""
-    return (32, 512) if device.type == "cpu" else (4, 1024)
+    return CUDA_BLOCKS if device.type == "cuda" else INTERPRETER_BLOCKS
 
 
 def logits_forward(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None,

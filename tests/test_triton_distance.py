@@ -116,3 +116,12 @@ def test_bad_inputs_raise_clear_errors():
         triton_ops.pairwise_euclidean(torch.randn(3, 5, dtype=torch.float64))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         triton_ops.pairwise_euclidean([[1.0, 2.0]])
+
+
+def test_cuda_block_sizes_under_the_interpreter(gen, monkeypatch):
+    """The tile sizes the CUDA launchers use (64 x 64 x 32) give the same results."""
+    from fastmmt.kernels import distance
+
+    monkeypatch.setattr(distance, "INTERPRETER_BLOCKS", distance.CUDA_BLOCKS)
+    _check(torch.randn(70, 40, generator=gen), None, gen)
+    _check(torch.randn(70, 40, generator=gen), torch.randn(65, 40, generator=gen), gen)

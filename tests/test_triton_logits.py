@@ -138,3 +138,12 @@ def test_bad_inputs_raise_clear_errors():
         triton_ops.cross_entropy_label_smooth(s[None], lab)
     with pytest.raises(TypeError, match="float64"):
         triton_ops.soft_entropy(s.double(), s.double())
+
+
+def test_cuda_block_sizes_under_the_interpreter(gen, monkeypatch):
+    """The tile sizes the CUDA launchers use (4 rows x 1024 classes) give the same results."""
+    from fastmmt.kernels import logits
+
+    monkeypatch.setattr(logits, "INTERPRETER_BLOCKS", logits.CUDA_BLOCKS)
+    _check_pair(_logits(10, 1100, torch.float32, gen), _logits(10, 1100, torch.float32, gen),
+                torch.randint(0, 1100, (10,), generator=gen), 0.1, gen)

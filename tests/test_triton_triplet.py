@@ -192,3 +192,12 @@ def test_bad_inputs_raise_clear_errors():
         triton_ops.softmax_triplet_loss(x.double(), lab)
     with pytest.raises(ValueError, match="non-empty"):
         triton_ops.softmax_triplet_loss(torch.randn(0, 5), lab[:0])
+
+
+def test_cuda_block_sizes_under_the_interpreter(gen, monkeypatch):
+    """The tile sizes the CUDA launchers use (64 x 64 x 32) give the same results."""
+    from fastmmt.kernels import distance
+
+    monkeypatch.setattr(distance, "INTERPRETER_BLOCKS", distance.CUDA_BLOCKS)
+    x, t = _features(70, 40, torch.float32, gen), _features(70, 40, torch.float32, gen)
+    _check(x, t, _labels(70, 17, gen), gen)

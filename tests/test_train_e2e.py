@@ -1,0 +1,141 @@
+"""A tiny end-to-end run of the training stages on generated data (CI-sized).
+
+Pre-train 1 epoch, adapt 2 epochs of 2 iterations with k-means and DBSCAN, the baseline, resume,
+and the mean-teacher update checked against a hand-rolled float64 update at every step.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastmmt.train.mmt as mmt_mod
+from fastmmt.cli import main as cli_main
+from fastmmt.data import generate_domains, load_dataset
+from fastmmt.ops import ema_alpha
+from fastmmt.train import adapt, pretrain
+from fastmmt.train.demo import demo_options
+
+
+def tiny_options(out_dir: Path):
+    o = demo_options(out_dir=str(out_dir))
+    o.data.height, o.data.width = 32, 16
+    o.data.batch_size, o.data.num_instances, o.data.test_batch_size = 16, 4, 64
+    o.model.base_width = 8
+    o.pretrain.epochs, o.pretrain.iters, o.pretrain.warmup_epochs, o.pretrain.milestones = 1, 2, 1, (5,)
+    o.adapt.epochs, o.adapt.iters, o.adapt.k = 2, 2, 6
+    o.adapt.rho = 0.1  # a wider eps so DBSCAN finds clusters on barely-trained features
+    o.run.progress = False
+    o.run.eval_every = 1
+    return o
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    src, tgt = generate_domains(str(root), seed=3, size="tiny", height=64, width=32)
+    return load_dataset("synthetic", src), load_dataset("synthetic", tgt)
+
+
+@pytest.fixture(scope="module")
+def pretrained(domains, tmp_path_factory):
+    source, target = domains
+    out = tmp_path_factory.mktemp("run")
+    o = tiny_options(out)
+    paths = []
+    for s in (1, 2):
+        res = pretrain(source, target, o, seed=s, out_dir=out / f"seed{s}")
+        assert Path(res.model_path).is_file()
+        assert set(res.metrics) == {"mAP", "rank1", "rank5", "rank10"}
+        assert all(0.0 <= v <= 1.0 for v in res.metrics.values())
+        recs = [json.loads(x) for x in (out / f"seed{s}" / "log.jsonl").read_text().splitlines()]
+        assert recs[0]["epoch"] == 0 and recs[0]["loss_ce"] > 0
+        paths.append(res.model_path)
+    return out, paths
+
+
+def _snap(nets):
+    return [{k: v.detach().double().clone() for k, v in n.state_dict().items()} for n in nets]
+
+
+def test_kmeans_mmt_teacher_is_ema_of_student_and_resume_continues(domains, pretrained, monkeypatch):
+    _, target = domains
+    out, inits = pretrained
+    o = tiny_options(out)
+    o.adapt.epochs = 1
+    real = mmt_mod.ema_update_module_
+    steps = []
+
+    def checked(teachers, students, alpha, backend="auto"):
+        before_t, before_s = _snap(teachers), _snap(students)
+        ran = real(teachers, students, alpha, backend=backend)
+        assert alpha == pytest.approx(ema_alpha(len(steps) + offset[0]))
+        for t, bt, bs in zip(teachers, before_t, before_s):
+            params = dict(t.named_parameters())
+            for k, v in t.state_dict().items():
+                if k in params:   # hand-rolled update of every parameter (classifier included)
+                    torch.testing.assert_close(v.double(), alpha * bt[k] + (1 - alpha) * bs[k], rtol=1e-5, atol=1e-6)
+                else:             # buffers (BN running stats) are the teacher's own, untouched
+                    assert torch.equal(v.double(), bt[k]), k
+        # the teachers' BN statistics are their own: equal to the students' only while the
+        # parameters were equal (steps 0 and 1: alpha(0) = 0 copied the student), different after
+        tm = teachers[0].state_dict()["bn_neck.running_mean"]
+        sm = students[0].state_dict()["bn_neck.running_mean"]
+        if len(steps) + offset[0] >= 2:
+            assert not torch.equal(tm, sm)
+        steps.append(alpha)
+        return ran
+
+    offset = [0]
+    monkeypatch.setattr(mmt_mod, "ema_update_module_", checked)
+    run = out / "kmeans"
+    res = adapt(target, inits, o, run)
+    assert len(steps) == 2 and steps[0] == 0.0
+    assert (run / "pseudo_labels.npy").is_file() and (run / "ckpt" / "last.pt").is_file()
+    labels = np.load(run / "pseudo_labels.npy")
+    assert labels.shape == (len(target.train),) and set(labels.tolist()) == set(range(6))
+    assert (run / "curves.png").stat().st_size > 0 and (run / "model.pt").is_file()
+    assert 0.0 <= res.metrics["mAP"] <= 1.0
+    # resume: a second epoch continues from the checkpoint with the global step carried on
+    o.adapt.epochs = 2
+    offset[0] = 2
+    steps.clear()
+    adapt(target, inits, o, run, resume=True)
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if "epoch" in json.loads(x)]
+    assert [r["epoch"] for r in recs] == [0, 1]
+    assert recs[-1]["global_step"] == 4 and len(steps) == 2
+    ck = torch.load(run / "ckpt" / "last.pt", weights_only=False)
+    assert ck["epoch"] == 1 and ck["global_step"] == 4
+    assert recs[-1]["ema_backend"] in ("ext", "foreach")
+
+
+def test_dbscan_and_baseline_run(domains, pretrained):
+    _, target = domains
+    out, inits = pretrained
+    o = tiny_options(out)
+    o.adapt.method = "dbscan"
+    o.data.batch_size = 8  # P = 2: 1-epoch features give DBSCAN only a few clusters
+    res = adapt(target, inits, o, out / "dbscan")
+    rec = [json.loads(x) for x in (out / "dbscan" / "log.jsonl").read_text().splitlines() if "epoch" in json.loads(x)][-1]
+    labels = np.load(out / "dbscan" / "pseudo_labels.npy")
+    assert rec["num_clusters"] == labels.max() + 1 >= 1
+    assert rec["num_outliers"] == int((labels < 0).sum())
+    assert 0.0 <= res.metrics["mAP"] <= 1.0
+    o.adapt.method = "baseline"
+    res = adapt(target, inits[:1], o, out / "baseline")
+    assert 0.0 <= res.metrics["rank1"] <= 1.0
+
+
+def test_cli_evaluate_and_clear_errors(domains, pretrained, tmp_path, capsys):
+    out, inits = pretrained
+    root = Path(domains[1].root)
+    args = ["--set", "data.target=synthetic", "--set", f"data.target_root={root}", "--set", "data.height=32",
+            "--set", "data.width=16", "--set", "model.arch=resnet18", "--set", "model.base_width=8",
+            "--set", "data.backend=torch", "--set", "data.workers=0", "--no-progress"]
+    assert cli_main(["evaluate", *args, "--model", inits[0]]) == 0
+    assert "mAP" in capsys.readouterr().out
+    assert cli_main(["evaluate", *args, "--model", str(tmp_path / "nope.pt")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["adapt", "--set", "adapt.method=kmeanz"]) == 2
+    assert "adapt.method" in capsys.readouterr().err

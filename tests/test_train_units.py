@@ -1,0 +1,149 @@
+"""Unit tests of the training layer's own pieces: LR schedule, bn_split, checkpoints, config, EMA."""
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmmt.cli.config import ConfigError, load_options
+from fastmmt.ops import ema_alpha
+from fastmmt.train.bn_split import SplitBatchNorm, convert_bn_split
+from fastmmt.train.checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
+from fastmmt.train.schedule import warmup_multistep_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("epoch,expected", [(0, 0.01), (5, 0.01 * 0.5 + 0.5), (9, 0.01 * 0.1 + 0.9),
+                                            (10, 1.0), (39, 1.0), (40, 0.1), (69, 0.1), (70, 0.01), (79, 0.01)])
+def test_warmup_multistep_matches_hand_values(epoch, expected):
+    assert warmup_multistep_factor(epoch, (40, 70), 0.1, 0.01, 10) == pytest.approx(expected, rel=1e-12)
+
+
+def test_ema_alpha_schedule():
+    assert ema_alpha(0) == 0.0          # the first update copies the student
+    assert ema_alpha(1) == 0.5
+    assert ema_alpha(9) == pytest.approx(0.9)
+    assert ema_alpha(10**6) == 0.999
+
+
+def test_split_batchnorm_matches_per_chunk_statistics():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    nn.init.uniform_(bn.weight, 0.5, 1.5)
+    nn.init.uniform_(bn.bias, -0.5, 0.5)
+    sbn = SplitBatchNorm(bn, 4)
+    x = torch.randn(12, 3, 5, 4, dtype=torch.float32) * 3 + 1
+    x_ref = x.clone().requires_grad_(True)
+    x_op = x.clone().requires_grad_(True)
+    out = sbn(x_op)
+    # reference: each chunk normalised by its own biased statistics (float64)
+    ref = []
+    for c in x_ref.double().split(4):
+        mu = c.mean((0, 2, 3), keepdim=True)
+        var = c.var((0, 2, 3), unbiased=False, keepdim=True)
+        ref.append((c - mu) / torch.sqrt(var + bn.eps) * bn.weight.double().view(1, -1, 1, 1)
+                   + bn.bias.double().view(1, -1, 1, 1))
+    ref = torch.cat(ref)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (ref * w.double()).sum().backward()
+    torch.testing.assert_close(x_op.grad.double(), x_ref.grad.double(), rtol=1e-4, atol=1e-5)
+    # running statistics come from chunk 0 only (DataParallel keeps replica 0's buffers)
+    c0 = x[:4]
+    exp_mean = 0.9 * torch.zeros(3) + 0.1 * c0.mean((0, 2, 3))
+    exp_var = 0.9 * torch.ones(3) + 0.1 * c0.var((0, 2, 3), unbiased=True)
+    torch.testing.assert_close(sbn.running_mean, exp_mean)
+    torch.testing.assert_close(sbn.running_var, exp_var)
+    sbn.eval()
+    bn.eval()
+    bn.load_state_dict(sbn.state_dict())
+    torch.testing.assert_close(sbn(x), bn(x))
+
+
+def test_convert_bn_split_keeps_state_dict_keys_and_frozen_flags():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5))
+    net[4].bias.requires_grad_(False)
+    keys = list(net.state_dict())
+    convert_bn_split(net, 2)
+    assert isinstance(net[1], SplitBatchNorm) and isinstance(net[4], SplitBatchNorm)
+    assert list(net.state_dict()) == keys
+    assert not net[4].bias.requires_grad
+    out = net(torch.randn(6, 3, 8, 8))
+    assert out.shape == (6, 5)
+
+
+def test_atomic_save_keeps_previous_file_on_disk_full(tmp_path, monkeypatch):
+    save_checkpoint({"epoch": 0, "w": torch.ones(3)}, tmp_path)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint({"epoch": 1, "w": torch.zeros(3)}, tmp_path)
+    monkeypatch.setattr(torch, "save", real_save)
+    state = load_checkpoint(tmp_path)
+    assert state["epoch"] == 0 and torch.equal(state["w"], torch.ones(3))
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_load_checkpoint_falls_back_past_a_truncated_file(tmp_path, caplog):
+    save_checkpoint({"epoch": 0}, tmp_path)
+    save_checkpoint({"epoch": 1}, tmp_path)
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[:20])  # truncated
+    with caplog.at_level("WARNING"):
+        assert load_checkpoint(tmp_path)["epoch"] == 0
+    assert "last.pt" in caplog.text
+    (tmp_path / "prev.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path / "nothing-here") is None
+    atomic_save({"x": 1}, tmp_path / "sub" / "a.pt")
+    assert torch.load(tmp_path / "sub" / "a.pt")["x"] == 1
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("adapt: {kk: 3}\n")
+    with pytest.raises(ConfigError, match=r"adapt\.kk.*allowed keys"):
+        load_options(bad)
+    with pytest.raises(ConfigError, match=r"adapt\.k: expected an integer"):
+        load_options(None, ["adapt.k=many"])
+    with pytest.raises(ConfigError, match=r"adapt\.method = 'spectral' is not allowed"):
+        load_options(None, ["adapt.method=spectral"])
+    with pytest.raises(ConfigError, match="unknown config section 'trainer'"):
+        load_options(None, ["trainer.lr=1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_options(tmp_path / "missing.yaml")
+
+
+def test_paper_configs_resolve_with_base_and_overrides():
+    o = load_options(ROOT / "configs" / "market2duke_ibn50a_dbscan.yaml", ["adapt.iters=10"])
+    assert (o.data.source, o.data.target, o.model.arch) == ("market1501", "dukemtmc", "resnet_ibn50a")
+    assert (o.adapt.method, o.adapt.k, o.adapt.k1, o.adapt.k2, o.adapt.iters) == ("dbscan", 700, 20, 6, 10)
+    assert o.pretrain.milestones == (40, 70) and o.run.bn_split == 16
+    for f in (ROOT / "configs").glob("*.yaml"):
+        load_options(f)  # every shipped config is valid
+
+
+def test_demo_config_file_equals_demo_options():
+    from dataclasses import asdict
+
+    from fastmmt.train.demo import demo_options
+
+    o = load_options(ROOT / "configs" / "demo.yaml")
+    d = demo_options()
+    a, b = asdict(o), asdict(d)
+    for sec in ("model", "pretrain", "adapt"):
+        assert a[sec] == b[sec], sec
+    for key in ("height", "width", "workers", "backend", "batch_size", "num_instances", "test_batch_size"):
+        assert a["data"][key] == b["data"][key], key
+    assert a["run"]["seed"] == b["run"]["seed"] and a["run"]["eval_every"] == b["run"]["eval_every"]
