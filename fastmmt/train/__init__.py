@@ -1,6 +1,6 @@
 """Training stages: source pre-training, MMT (k-means / DBSCAN), the single-model baseline, the demo."""
 from fastmmt.train.evaluate import evaluate_model_file
-from fastmmt.train.mmt import adapt, teacher_update_
+from fastmmt.train.mmt import adapt
 from fastmmt.train.options import (
     AdaptOptions,
     DataOptions,
@@ -13,5 +13,5 @@ from fastmmt.train.pretrain import StageResult, load_model_file, pretrain
 
 __all__ = [
     "AdaptOptions", "DataOptions", "ExperimentOptions", "ModelOptions", "PretrainOptions", "RunOptions",
-    "StageResult", "adapt", "evaluate_model_file", "load_model_file", "pretrain", "teacher_update_",
+    "StageResult", "adapt", "evaluate_model_file", "load_model_file", "pretrain",
 ]

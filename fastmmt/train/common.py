@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastmmt.data import ImageRecord, ReIDDataset, build_test_loader
+from fastmmt.data import ImageRecord, ReIDDataset
+from fastmmt.data.factory import build_test_loader
 from fastmmt.evaluation import evaluate_features, extract_features
 from fastmmt.models import ReIDNet, build_model
 from fastmmt.train.bn_split import convert_bn_split
@@ -81,5 +82,6 @@ def evaluate(model: nn.Module, dataset: ReIDDataset, dopts: DataOptions, ropts: 
 
 def check_finite(value: torch.Tensor, what: str) -> None:
     """Refuse a step whose loss is NaN/inf, naming the batch."""
-    if not math.isfinite(float(value)):
-        raise NonFiniteLossError(f"non-finite loss ({float(value)}) at {what}; the step was refused")
+    v = float(value.detach())
+    if not math.isfinite(v):
+        raise NonFiniteLossError(f"non-finite loss ({v}) at {what}; the step was refused")

@@ -60,14 +60,16 @@ class RunLogger:
             pts = [(r["epoch"], 100 * r[key]) for r in recs if isinstance(r.get(key), (int, float))]
             if pts:
                 a1.plot(*zip(*pts), marker="o", label=label)
-        a1.set_xlabel("epoch"); a1.set_ylabel("%"); a1.legend(); a1.grid(alpha=0.3)
+        a1.set_xlabel("epoch"); a1.set_ylabel("%"); a1.grid(alpha=0.3)
+        if a1.lines:
+            a1.legend()
         loss_keys = sorted({k for r in recs for k in r if k.startswith("loss")})
         for key in loss_keys:
             pts = [(r["epoch"], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if pts:
                 a2.plot(*zip(*pts), marker=".", label=key)
         a2.set_xlabel("epoch"); a2.set_ylabel("loss"); a2.grid(alpha=0.3)
-        if loss_keys:
+        if a2.lines:
             a2.legend(fontsize=7)
         fig.tight_layout()
         out = self.out_dir / "curves.png"

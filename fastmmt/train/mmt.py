@@ -20,11 +20,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastmmt.cluster import build_clusterer
-from fastmmt.data import ReIDDataset, build_train_loader
+from fastmmt.data import ReIDDataset
+from fastmmt.data.factory import build_train_loader
 from fastmmt.ops import (
     cross_entropy_label_smooth,
     ema_alpha,
-    ema_update_,
+    ema_update_module_,
     mmt_loss,
     softmax_triplet_loss,
 )
@@ -46,18 +47,6 @@ class _State:
     global_step: int = 0
     history: list = field(default_factory=list)
     best: dict = field(default_factory=dict)
-
-
-def teacher_update_(teachers: list[nn.Module], students: list[nn.Module], alpha: float, backend: str) -> str:
-    """Mean-teacher update of PARAMETERS only (BN buffers stay the teachers' own), one call for all."""
-    tp, sp = [], []
-    for t, s in zip(teachers, students):
-        t_params, s_params = list(t.parameters()), list(s.parameters())
-        if len(t_params) != len(s_params):
-            raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
-        tp += [x.data for x in t_params]
-        sp += [x.data for x in s_params]
-    return ema_update_(tp, sp, alpha, backend=backend)
 
 
 def _make_teacher(student: nn.Module) -> nn.Module:
@@ -179,12 +168,12 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
             loss.backward()
             optimizer.step()
             if mmt:
-                ema_backend = teacher_update_(teachers, students, ema_alpha(st.global_step, a.ema_alpha),
-                                              r.ema_backend)
+                ema_backend = ema_update_module_(teachers, students, ema_alpha(st.global_step, a.ema_alpha),
+                                                 backend=r.ema_backend)
             st.global_step += 1
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         times["train_seconds"] = time.perf_counter() - t0
         n_img = a.iters * d.batch_size * (2 if mmt else 1)
         record = {"stage": a.method, "epoch": epoch, **{k: v / a.iters for k, v in sums.items()},

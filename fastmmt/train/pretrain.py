@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastmmt.data import ReIDDataset, build_train_loader
+from fastmmt.data import ReIDDataset
+from fastmmt.data.factory import build_train_loader
 from fastmmt.ops import cross_entropy_label_smooth, softmax_triplet_loss
 from fastmmt.train.checkpoint import atomic_save, load_checkpoint, save_checkpoint
 from fastmmt.train.common import adam, check_finite, evaluate, make_model, to_device
