@@ -5,7 +5,7 @@ pytest-benchmark (``bash scripts/dev.sh bench bench/bench_cluster.py``):
   and NMI to the generating blobs;
 - sparse k-reciprocal Jaccard + eps + DBSCAN (fastmmt) vs the dense reference algorithm (dense
   N x N matrices and per-row loops, as MMT's ``compute_jaccard_dist``) + scikit-learn DBSCAN, with
-  each one's peak memory measured in a fresh subprocess (``ru_maxrss``).
+  each one's peak memory measured in a fresh subprocess (``VmHWM``).
 Scaling table (markdown on stdout): ``python bench/bench_cluster.py --scaling``.
 Peak memory of one step: ``python bench/bench_cluster.py --peak {sparse,dense,kmeans} N``.
 """
@@ -108,6 +108,15 @@ def kmeans_fastmmt(x: np.ndarray, k: int) -> np.ndarray:
     return kmeans(x, k, seed=0).labels
 
 
+def _vm_hwm_mb() -> float:
+    """Peak resident memory of this process (VmHWM; unlike ru_maxrss not inherited over exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_rss_mb(kind: str, n: int) -> dict:
     """Run one step in a fresh interpreter; its wall time and peak resident memory."""
     out = subprocess.run([sys.executable, __file__, "--peak", kind, str(n)], check=True,
@@ -117,13 +126,13 @@ def peak_rss_mb(kind: str, n: int) -> dict:
 
 def _peak_main(kind: str, n: int) -> None:
     x, _ = blobs(n)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _vm_hwm_mb()
     t0 = time.perf_counter()
     fn = {"sparse": sparse_pipeline, "dense": dense_pipeline,
           "kmeans": lambda a: kmeans_fastmmt(a, max(2, round(n / 26)))}[kind]
     labels = fn(x)
     sec = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _vm_hwm_mb()
     print(json.dumps({"kind": kind, "n": n, "seconds": round(sec, 2), "peak_rss_mb": round(peak),
                       "data_rss_mb": round(base), "clusters": int(labels.max()) + 1}))
 
