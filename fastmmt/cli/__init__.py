@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,12 +35,22 @@ def _options(args: argparse.Namespace):
     return load_options(args.config, overrides)
 
 
+def _is_main() -> bool:
+    """Rank 0 under torchrun (or the only process): the one that writes and prints results."""
+    from fastmmt.train.distributed import is_main_process
+    return is_main_process()
+
+
 def _save_config(opts, out_dir: Path) -> None:
+    if not _is_main():
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(options_to_dict(opts))), sort_keys=False))
 
 
 def _print_metrics(name: str, metrics: dict) -> None:
+    if not _is_main():
+        return
     print(f"{name}: mAP {100 * metrics['mAP']:.1f}  rank-1 {100 * metrics['rank1']:.1f}  "
           f"rank-5 {100 * metrics['rank5']:.1f}  rank-10 {100 * metrics['rank10']:.1f}")
 
@@ -64,7 +75,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     seeds = [args.seed] if args.seed is not None else list(opts.pretrain.seeds)
     for s in seeds:
         res = pretrain(source, target, opts, seed=s, out_dir=out / "pretrain" / f"seed{s}", resume=args.resume)
-        print(f"seed {s}: model {res.model_path}")
+        if _is_main():
+            print(f"seed {s}: model {res.model_path}")
         if res.metrics:
             _print_metrics(f"source-only seed {s} on target", res.metrics)
     return 0
@@ -86,7 +98,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root)
     res = adapt(target, inits, opts, run_dir, resume=args.resume)
     _print_metrics(f"{opts.adapt.method} on target", res.metrics)
-    (run_dir / "results.json").write_text(json.dumps({"metrics": res.metrics, "seconds": res.seconds}, indent=2))
+    if _is_main():
+        (run_dir / "results.json").write_text(json.dumps({"metrics": res.metrics, "seconds": res.seconds}, indent=2))
     return 0
 
 
@@ -155,17 +168,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line. An error re-raised from a DataLoader worker carries the
+    worker's traceback in its message: keep its last line (the original error)."""
+    text = str(err).strip() or type(err).__name__
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    if "Original Traceback" in text:
+        return lines[-1]
+    return " ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(level=level if _is_main() else max(level, logging.WARNING),
+                        format=f"%(asctime)s {prefix}%(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"fastmmt: config error: {e}", file=sys.stderr)
+        print(f"fastmmt: {prefix}config error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, ArithmeticError) as e:
         if args.verbose:
             raise
-        print(f"fastmmt {args.command}: error: {e}", file=sys.stderr)
+        print(f"fastmmt {args.command}: {prefix}error: {_one_line(e)}", file=sys.stderr)
         return 1
+    finally:
+        from fastmmt.train.distributed import cleanup
+        cleanup()

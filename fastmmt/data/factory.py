@@ -51,9 +51,19 @@ def _torch_only(dali_options: dict[str, Any]) -> None:
 def build_train_loader(records: Sequence[ImageRecord], labels: np.ndarray, height: int, width: int,
                        batch_size: int = 64, num_instances: int = 4, num_views: int = 1,
                        workers: int = 2, seed: int = 0, erase: bool = True, backend: str = "auto",
-                       **dali_options: Any):
-    """A P x K training loader (:class:`DaliTrainLoader` or :class:`TorchTrainLoader`)."""
+                       rank: int = 0, world_size: int = 1, **dali_options: Any):
+    """A P x K training loader (:class:`DaliTrainLoader` or :class:`TorchTrainLoader`).
+
+    ``rank``/``world_size``: the loader yields this rank's share of each global ``batch_size``
+    batch (torch backend only: ``auto`` picks torch when ``world_size > 1``).
+    """
     args = (records, labels, height, width, batch_size, num_instances, num_views, workers, seed, erase)
+    if world_size > 1:
+        if backend == "dali":
+            raise ValueError("data.backend='dali' does not split P x K batches over ranks yet; use "
+                             "data.backend='torch' (or 'auto') for distributed training")
+        _torch_only(dali_options)
+        return torch_loaders.TorchTrainLoader(*args, rank=rank, world_size=world_size)
     if resolve_data_backend(backend) == "dali":
         from fastmmt.data.dali import DaliTrainLoader
         return DaliTrainLoader(*args, **dali_options)

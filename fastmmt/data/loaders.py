@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastmmt.data.image_io import load_image
 from fastmmt.data.records import ImageRecord
-from fastmmt.data.sampler import IdentitySampler
+from fastmmt.data.sampler import IdentitySampler, rank_share
 from fastmmt.data.transforms import TestTransform, TrainTransform, resize_to_tensor
 
 
@@ -68,12 +68,14 @@ class TorchTrainLoader:
     over the current labels, each image augmented ``num_views`` times independently.
 
     ``labels[i]`` is the (pseudo-)label of ``records[i]``; -1 excludes the image. Batches are
-    deterministic given (seed, epoch) whatever ``workers`` is.
+    deterministic given (seed, epoch) whatever ``workers`` is. With ``world_size > 1`` (one loader
+    per rank) each batch is this ``rank``'s share (:func:`~fastmmt.data.sampler.rank_share`) of the
+    global ``batch_size`` batch, images and augmentations identical to the single-process ones.
     """
 
     def __init__(self, records: Sequence[ImageRecord], labels: np.ndarray, height: int, width: int,
                  batch_size: int = 64, num_instances: int = 4, num_views: int = 1, workers: int = 2,
-                 seed: int = 0, erase: bool = True) -> None:
+                 seed: int = 0, erase: bool = True, rank: int = 0, world_size: int = 1) -> None:
         if batch_size <= 0 or num_instances <= 0 or batch_size % num_instances:
             raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of "
                              f"num_instances ({num_instances})")
@@ -82,6 +84,7 @@ class TorchTrainLoader:
         self.records = list(records)
         self.camids = np.array([r.camid for r in self.records], dtype=np.int64)
         self.batch_size, self.num_instances, self.seed = batch_size, num_instances, seed
+        self.share = rank_share(batch_size, num_instances, rank, world_size)
         self.transform = TrainTransform(height, width, erase_p=0.5 if erase else 0.0)
         self._dataset = _AugmentedImages([r.path for r in self.records], self.transform, num_views)
         self._plan = _BatchPlan()
@@ -102,8 +105,9 @@ class TorchTrainLoader:
                              f"{self.batch_size} needs at least {self.batch_size // self.num_instances}")
 
     def _plan_epoch(self, epoch: int, iters: int) -> list[list[tuple[int, int]]]:
-        """``iters`` batches of (index, augmentation seed); a pass's remainder shorter than a
-        batch is dropped and the sampler restarts (the reference's IterLoader + drop_last)."""
+        """``iters`` batches of (index, augmentation seed), this rank's share of each; a pass's
+        remainder shorter than a batch is dropped and the sampler restarts (the reference's
+        IterLoader + drop_last)."""
         self.sampler.set_epoch(epoch)
         per_pass = len(self.sampler) // self.batch_size
         stream = np.concatenate([np.fromiter(iter(self.sampler), np.int64)[:per_pass * self.batch_size]
@@ -111,7 +115,7 @@ class TorchTrainLoader:
         seeds = np.random.SeedSequence([self.seed, epoch]).generate_state(stream.size, np.uint64)
         seeds = (seeds >> np.uint64(1)).astype(np.int64)  # torch seeds must fit int64
         pairs = list(zip(stream.tolist(), seeds.tolist()))
-        return [pairs[i:i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
+        return [pairs[i:i + self.batch_size][self.share] for i in range(0, len(pairs), self.batch_size)]
 
     def _get_loader(self) -> DataLoader:
         if self._loader is None:

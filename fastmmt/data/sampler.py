@@ -79,3 +79,19 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
         idx = self.order(self.epoch, self._pass)
         self._pass += 1
         return iter(idx.tolist())
+
+
+def rank_share(batch_size: int, num_instances: int, rank: int, world_size: int) -> slice:
+    """Positions of ``rank``'s share of a P x K batch laid out as P runs of K images.
+
+    Each rank gets P / world_size whole identities, contiguous and disjoint across ranks, so the
+    ranks' shares put back in rank order are the single-process batch (and rank r's share is
+    chunk r of that batch, what ``run.bn_split = batch_size / world_size`` normalises together).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
+    if batch_size % num_instances or (batch_size // num_instances) % world_size:
+        raise ValueError(f"a batch of {batch_size} = {batch_size // num_instances} identities x "
+                         f"{num_instances} cannot be split into whole identities over {world_size} ranks")
+    share = batch_size // world_size
+    return slice(rank * share, (rank + 1) * share)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from fastmmt.train.distributed import DistContext, check_same_on_all_ranks
+
 log = logging.getLogger(__name__)
 
 
@@ -21,9 +23,12 @@ class CheckpointError(RuntimeError):
     """No readable checkpoint where one was expected."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """Save ``obj`` with torch.save to ``path`` atomically (temp file + fsync + rename)."""
-    path = Path(path)
+def _write_temp(obj: Any, path: Path) -> str:
+    """torch.save ``obj`` to a flushed, fsynced temporary file beside ``path``; returns its name.
+
+    A failed write (e.g. a full disk) removes the temporary file and raises an ``OSError`` that
+    names ``path``; nothing that existed before is touched.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -31,10 +36,20 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+    except OSError as e:
+        _unlink_quiet(tmp)
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}; files written before are "
+                               f"left as they were") from e
     except BaseException:
         _unlink_quiet(tmp)
         raise
+    return tmp
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """Save ``obj`` with torch.save to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    os.replace(_write_temp(obj, path), path)
     return path
 
 
@@ -47,12 +62,19 @@ def _unlink_quiet(path: str) -> None:
 
 
 def save_checkpoint(state: dict, folder: str | os.PathLike) -> Path:
-    """Write ``folder/last.pt`` atomically, keeping the former one as ``folder/prev.pt``."""
+    """Write ``folder/last.pt`` atomically, keeping the former one as ``folder/prev.pt``.
+
+    The new state is fully written (temporary file, fsync) before any rename, so a failed write
+    leaves ``last.pt`` and ``prev.pt`` as they were; between the two renames a crash leaves
+    ``prev.pt`` only, which :func:`load_checkpoint` falls back to.
+    """
     folder = Path(folder)
     last = folder / "last.pt"
+    tmp = _write_temp(state, last)
     if last.exists():
-        os.replace(last, folder / "prev.pt")  # atomic; last.pt is rewritten right after
-    return atomic_save(state, last)
+        os.replace(last, folder / "prev.pt")
+    os.replace(tmp, last)
+    return last
 
 
 def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict | None:
@@ -74,3 +96,18 @@ def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device 
     if errors:
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
     return None
+
+
+def read_resume_checkpoint(folder: str | os.PathLike, map_location: str | torch.device,
+                           ctx: DistContext) -> dict | None:
+    """:func:`load_checkpoint` on every rank (``folder`` must be visible to all of them), checked
+    to give the same epoch everywhere; a rank that cannot read it stops all ranks."""
+    try:
+        state = load_checkpoint(folder, map_location)
+        found: Any = None if state is None else state["epoch"]
+    except CheckpointError as e:
+        state, found = None, f"unreadable ({e})"
+    check_same_on_all_ranks(found, f"checkpoint found in {folder} (its epoch)", ctx)
+    if isinstance(found, str):
+        raise CheckpointError(f"cannot resume: {found}")
+    return state

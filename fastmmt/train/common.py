@@ -15,6 +15,7 @@ from fastmmt.data.factory import build_test_loader
 from fastmmt.evaluation import evaluate_features, extract_features
 from fastmmt.models import ReIDNet, build_model
 from fastmmt.train.bn_split import convert_bn_split
+from fastmmt.train.distributed import DistContext, all_true, gather_rows, shard_range
 from fastmmt.train.options import DataOptions, ModelOptions, RunOptions
 
 log = logging.getLogger("fastmmt.train")
@@ -48,18 +49,26 @@ def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> tor
 
 
 def extract(model: nn.Module, records: Sequence[ImageRecord], dopts: DataOptions, ropts: RunOptions,
-            device: torch.device, mopts: ModelOptions, desc: str = "extract") -> torch.Tensor:
-    """Normalised after-BN features of ``records`` (model in eval mode), (N, D) float32 on CPU."""
-    loader = build_test_loader(records, dopts.height, dopts.width, batch_size=dopts.test_batch_size,
+            device: torch.device, mopts: ModelOptions, desc: str = "extract",
+            ctx: DistContext | None = None) -> torch.Tensor:
+    """Normalised after-BN features of ``records`` (model in eval mode), (N, D) float32 on CPU.
+
+    Distributed: each rank extracts its contiguous shard; the shards are all-gathered in order.
+    """
+    ctx = ctx or DistContext(device=device)
+    share = shard_range(len(records), ctx)
+    mine = list(records)[share.start:share.stop]
+    loader = build_test_loader(mine, dopts.height, dopts.width, batch_size=dopts.test_batch_size,
                                workers=dopts.workers, backend=dopts.backend)
     was_training = model.training
     model.eval()
     try:
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ropts.amp or "")
-        feats, _, _ = extract_features(model, loader, device=device, progress=ropts.progress,
+        feats, _, _ = extract_features(model, loader, device=device, progress=ropts.progress and ctx.is_main,
                                        channels_last=mopts.channels_last, amp_dtype=amp)
     finally:
         model.train(was_training)
+    feats = gather_rows(feats, len(records), ctx)
     if not torch.isfinite(feats).all():
         bad = (~torch.isfinite(feats)).any(1).sum().item()
         raise NonFiniteLossError(f"{desc}: {bad} of {len(feats)} feature rows are NaN/inf")
@@ -67,11 +76,11 @@ def extract(model: nn.Module, records: Sequence[ImageRecord], dopts: DataOptions
 
 
 def evaluate(model: nn.Module, dataset: ReIDDataset, dopts: DataOptions, ropts: RunOptions,
-             device: torch.device, mopts: ModelOptions) -> dict[str, float]:
+             device: torch.device, mopts: ModelOptions, ctx: DistContext | None = None) -> dict[str, float]:
     """Target test metrics (mAP, rank-1/5/10) of ``model`` plus the evaluation wall time."""
     t0 = time.perf_counter()
-    qf = extract(model, dataset.query, dopts, ropts, device, mopts, "query")
-    gf = extract(model, dataset.gallery, dopts, ropts, device, mopts, "gallery")
+    qf = extract(model, dataset.query, dopts, ropts, device, mopts, "query", ctx)
+    gf = extract(model, dataset.gallery, dopts, ropts, device, mopts, "gallery", ctx)
     r = evaluate_features(
         qf, gf,
         np.array([x.pid for x in dataset.query]), np.array([x.pid for x in dataset.gallery]),
@@ -80,8 +89,29 @@ def evaluate(model: nn.Module, dataset: ReIDDataset, dopts: DataOptions, ropts: 
             "rank10": float(r.cmc[9]), "eval_seconds": time.perf_counter() - t0}
 
 
-def check_finite(value: torch.Tensor, what: str) -> None:
-    """Refuse a step whose loss is NaN/inf, naming the batch."""
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def check_policy(policy: str) -> None:
+    """Validate ``run.on_nonfinite``."""
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"run.on_nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
+
+
+def step_is_finite(value: torch.Tensor, what: str, policy: str = "stop", ctx: DistContext | None = None) -> bool:
+    """Whether the step with loss ``value`` may proceed; a NaN/inf loss (on any rank) refuses it.
+
+    ``policy="stop"`` raises :class:`NonFiniteLossError` naming the batch (``what``); ``"skip"``
+    logs a warning and returns False (the caller skips backward, optimiser and EMA).
+    """
     v = float(value.detach())
-    if not math.isfinite(v):
-        raise NonFiniteLossError(f"non-finite loss ({v}) at {what}; the step was refused")
+    finite = math.isfinite(v)
+    if ctx is not None:
+        finite = all_true(finite, ctx)
+    if finite:
+        return True
+    msg = f"non-finite loss ({v}) at {what}; the step was refused"
+    if policy == "stop":
+        raise NonFiniteLossError(msg + " and the run stopped (run.on_nonfinite=skip skips such steps)")
+    log.warning("%s and skipped (run.on_nonfinite=skip)", msg)
+    return False

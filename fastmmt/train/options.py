@@ -81,6 +81,8 @@ class RunOptions:
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     amp: str | None = None            # None | bf16 | fp16
     bn_split: int = 0                 # BN statistics over sub-batches of this size (0 = whole batch)
+    sync_bn: bool = False             # distributed: SyncBatchNorm (CUDA) instead of per-rank BN
+    on_nonfinite: str = "stop"        # NaN/inf loss: stop the run, or skip the step (refused either way)
     seed: int = 1
     eval_every: int = 1               # evaluate the target test set every N epochs (0 = only at the end)
     select_best: bool = False         # report the epoch with the best target test mAP (the reference's way)

@@ -50,6 +50,16 @@ def set_deterministic(enabled: bool) -> None:
     torch.backends.cudnn.deterministic = enabled
 
 
+def configure_threads(num_threads: int | None) -> None:
+    """``run.num_threads``: torch's intra-op threads (None leaves the default). Bit-identical CPU
+    runs need the same thread count (reduction order in GEMMs can depend on it)."""
+    if num_threads is None:
+        return
+    if num_threads < 1:
+        raise ValueError(f"run.num_threads must be >= 1 or null, got {num_threads}")
+    torch.set_num_threads(num_threads)
+
+
 def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
     """A distinct, reproducible seed per (run seed, epoch, stream) so a resumed epoch replays exactly."""
     return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**31 - 1)
