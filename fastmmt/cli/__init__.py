@@ -42,10 +42,18 @@ def _is_main() -> bool:
 
 
 def _save_config(opts, out_dir: Path) -> None:
+    """Write ``out_dir/config.yaml``; a different earlier one is kept as ``config.N.yaml``."""
     if not _is_main():
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(options_to_dict(opts))), sort_keys=False))
+    path = out_dir / "config.yaml"
+    text = yaml.safe_dump(json.loads(json.dumps(options_to_dict(opts))), sort_keys=False)
+    if path.exists() and path.read_text() != text:
+        n = 1
+        while (out_dir / f"config.{n}.yaml").exists():
+            n += 1
+        path.rename(out_dir / f"config.{n}.yaml")
+    path.write_text(text)
 
 
 def _print_metrics(name: str, metrics: dict) -> None:
