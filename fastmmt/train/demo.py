@@ -29,11 +29,11 @@ def demo_options(out_dir: str = "runs/demo", seed: int = 0) -> ExperimentOptions
     o.data.workers, o.data.test_batch_size = 0, 256
     o.data.backend = "torch"
     o.model.arch, o.model.base_width = "resnet18", 16
-    o.pretrain.epochs, o.pretrain.iters = 12, 20
-    o.pretrain.warmup_epochs, o.pretrain.milestones = 2, (8,)
+    o.pretrain.epochs, o.pretrain.iters = 30, 20
+    o.pretrain.warmup_epochs, o.pretrain.milestones = 2, (20,)
     o.pretrain.lr = 1e-3
-    o.adapt.epochs, o.adapt.iters = 6, 20
-    o.adapt.k = 60
+    o.adapt.epochs, o.adapt.iters = 10, 20
+    o.adapt.k = 120
     o.run.out_dir, o.run.seed = out_dir, seed + 1
     o.run.eval_every = 0
     return o
