@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,7 +203,7 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
         for net in students + teachers:
             net.train()
         bar = tqdm(loader.epoch(epoch, a.iters), total=a.iters, desc=f"{a.method} ep{epoch}",
-                   disable=not (r.progress and ctx.is_main), leave=False)
+                   disable=not (r.progress and ctx.is_main and sys.stderr.isatty()), leave=False)
         ema_backend = None
         for it, batch in enumerate(bar):
             y = batch.labels.to(device)

@@ -3,6 +3,7 @@ adaptation (a target batch is forwarded in train mode each iteration and its out
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -98,7 +99,7 @@ def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOp
         skipped = 0
         tgt_iter = tgt.epoch(epoch, p.iters) if tgt is not None else None
         bar = tqdm(src.epoch(epoch, p.iters), total=p.iters, desc=f"pretrain s{seed} ep{epoch}",
-                   disable=not (r.progress and ctx.is_main), leave=False)
+                   disable=not (r.progress and ctx.is_main and sys.stderr.isatty()), leave=False)
         for it, batch in enumerate(bar):
             x = to_device(batch.views[0], device, m.channels_last)
             y = batch.labels.to(device)
