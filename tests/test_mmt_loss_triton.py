@@ -16,13 +16,6 @@ import torch
 from fastmmt.ops import MMTLoss, mmt_loss
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("FASTMMT_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"seed={seed} (rerun with FASTMMT_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
-
-
 def _inputs(n: int, d: int, k: int, n_ids: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     # Multiples of 1/8 in [0, 4]: every distance is exact in float32, so the mining (ties included)
     # must equal the float64 reference's on every row; no near-tie can flip with rounding.

@@ -6,7 +6,6 @@ relative to the largest reference entry: fp32 1e-4, fp16 2e-3, bf16 1.6e-2.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -17,13 +16,6 @@ from fastmmt.ops import triton_ops
 
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 FLOOR = torch.tensor(1e-12, dtype=torch.float32).sqrt().item()
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("FASTMMT_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"seed={seed} (rerun with FASTMMT_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
 
 
 def _check(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator) -> None:

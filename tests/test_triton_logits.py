@@ -6,7 +6,6 @@ relative to the largest reference entry: fp32 1e-4, fp16 2e-3, bf16 1.6e-2 (roun
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -16,13 +15,6 @@ from fastmmt.ops import reference as ref
 from fastmmt.ops import triton_ops
 
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("FASTMMT_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"seed={seed} (rerun with FASTMMT_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
 
 
 def _logits(n: int, k: int, dtype: torch.dtype, gen: torch.Generator, scale: float = 4.0) -> torch.Tensor:

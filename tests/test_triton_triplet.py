@@ -8,7 +8,6 @@ bf16 1.6e-2 (the gradient is rounded to the input dtype).
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -19,13 +18,6 @@ from fastmmt.ops import triton_ops
 from fastmmt.kernels import triplet
 
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("FASTMMT_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"seed={seed} (rerun with FASTMMT_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
 
 
 def _labels(n: int, n_ids: int, gen: torch.Generator) -> torch.Tensor:
