@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fastmmt.cluster import ClusterError, ClusterResult, build_clusterer
 from fastmmt.data import ReIDDataset
 from fastmmt.data.factory import build_train_loader
+from fastmmt.evaluation import pseudo_label_quality
 from fastmmt.ops import (
     cross_entropy_label_smooth,
     ema_alpha,
@@ -166,6 +167,8 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
     logger = RunLogger(out_dir) if ctx.is_main else None
     loader = None
     records = target.train
+    true_ids = np.array([x.pid for x in records])  # for the logged diagnostic only, never trained on
+    true_cams = np.array([x.camid for x in records])
     eval_net = teachers[0] if mmt else students[0]
     for epoch in range(st.epoch, a.epochs):
         seed_everything(epoch_seed(r.seed, epoch))
@@ -182,6 +185,7 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
         res = ddp.run_on_main(ctx, _cluster, clusterer, cf, epoch, a, d)
         labels = np.asarray(res.labels, dtype=np.int64)
         times["cluster_seconds"] = time.perf_counter() - t0
+        quality = {f"pseudo_{k}": v for k, v in pseudo_label_quality(labels, true_ids, true_cams).items()}
         # 3. classifiers of all networks <- normalised centroids; 4. fresh optimiser
         _set_classifiers(students, teachers, res.centroids.to(device))
         optimizer = adam(students, a.lr, a.weight_decay)
@@ -195,8 +199,9 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
             loader.set_labels(labels)
         # 5. train
         if ctx.is_main:
-            log.info("%s epoch %d: training %d iterations on %d clusters", a.method, epoch, a.iters,
-                     res.num_clusters)
+            log.info("%s epoch %d: training %d iterations on %d clusters (NMI to the true ids %.3f, "
+                     "cross-camera pair recall %.3f)", a.method, epoch, a.iters, res.num_clusters,
+                     quality["pseudo_nmi"], quality["pseudo_pair_recall_cross_cam"])
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         skipped = 0
@@ -252,7 +257,7 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
         record = {"stage": a.method, "epoch": epoch, **{k: v / done for k, v in sums.items()},
                   "num_clusters": int(res.num_clusters), "num_outliers": int((labels < 0).sum()),
                   "global_step": st.global_step, **times, "images_per_second": n_img / times["train_seconds"],
-                  "ema_backend": ema_backend, "skipped_steps": skipped, "world_size": ctx.world_size}
+                  "ema_backend": ema_backend, "skipped_steps": skipped, "world_size": ctx.world_size, **quality}
         # 6. evaluate
         if r.eval_every and ((epoch + 1) % r.eval_every == 0 or epoch + 1 == a.epochs):
             met = evaluate(eval_net, target, d, r, device, m, ctx)
