@@ -1,6 +1,7 @@
 """Synthetic domains: determinism, Market layout, disjoint identities, cameras, domain shift."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 
 from fastmmt.data import DomainStyle, generate_domains, generate_synthetic, load_dataset
+from fastmmt.data.synthetic import STYLES, _cameras
 
 SIZE = dict(num_ids=8, num_test_ids=6, images_per_id=6)
 NAME = re.compile(r"^(-1|\d{4})_c(\d)s1_(\d{6})_01\.jpg$")
@@ -86,15 +88,28 @@ def _pixels(base: str) -> np.ndarray:
                      for n in sorted(os.listdir(folder))])
 
 
-def test_measurable_domain_shift(domains):
+def test_measurable_domain_shift(domains, tmp_path):
     src, tgt = _pixels(domains["source"]), _pixels(domains["target"])
-    # colour response: the target's cast (blue gain 0.82), hue rotation and gamma 1.3 pull the
-    # blue channel mean down by far more than sampling noise (about 0.01 at this size)
-    assert src.mean((0, 1, 2))[2] - tgt.mean((0, 1, 2))[2] > 0.1
+    # colour response: the same target people and scenes (same seed, same random stream) with and
+    # without the target's response; its cast (blue gain 0.82), hue rotation and gamma 1.3 pull the
+    # blue channel mean down by far more than JPEG noise
+    neutral = dataclasses.replace(STYLES["target"], hue_shift=0.0, saturation=1.0, gamma=1.0, cast=(1.0, 1.0, 1.0))
+    flat = _pixels(generate_synthetic(str(tmp_path / "n"), seed=5, domain="target", style=neutral, **SIZE))
+    assert flat.mean((0, 1, 2))[2] - tgt.mean((0, 1, 2))[2] > 0.1
     # resolution: the target is rendered at half size and upsampled -> much weaker horizontal
     # gradients than the sharp source
     grad = lambda a: np.abs(np.diff(a, axis=2)).mean()  # noqa: E731
     assert grad(src) > 1.3 * grad(tgt)
+
+
+def test_shared_scene_gives_every_camera_one_backdrop():
+    rng = lambda: np.random.default_rng(3)  # noqa: E731
+    own = _cameras(rng(), DomainStyle(num_cams=4), 32, 16)
+    shared = _cameras(rng(), DomainStyle(num_cams=4, shared_scene=True), 32, 16)
+    assert all(np.array_equal(shared.scenes[0], sc) for sc in shared.scenes[1:])
+    assert np.array_equal(own.scenes[0], shared.scenes[0])   # camera 0 drawn the same way
+    assert not any(np.array_equal(own.scenes[0], sc) for sc in own.scenes[1:])
+    assert np.array_equal(own.gains, shared.gains)           # cameras keep their own responses
 
 
 def test_style_knobs_and_errors(tmp_path):
