@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from fastmmt.cluster._threads import limited_threads
 from fastmmt.cluster.encoding import PairDistance, check_k, encode, query_expand
-from fastmmt.cluster.knn import Neighbours, knn, sq_norms
+from fastmmt.cluster.knn import Neighbours, knn, pair_sq_distances, sq_norms
 from fastmmt.cluster.result import ClusterError, as_feature_tensor
 from fastmmt.cluster.sparse import CSR, gather_rows
 
@@ -95,7 +95,7 @@ def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def feature_pair_distance(x: torch.Tensor, nb: Neighbours, *, chunk: int = 8192) -> PairDistance:
+def feature_pair_distance(x: torch.Tensor, nb: Neighbours) -> PairDistance:
     """Row-normalised squared Euclidean distance between feature rows, pair by pair.
 
     Pairs found in the k-NN lists reuse the distance already computed there (most of them);
@@ -109,12 +109,7 @@ def feature_pair_distance(x: torch.Tensor, nb: Neighbours, *, chunk: int = 8192)
         found = hit.any(axis=1)
         out = np.where(found, nb.dist[rows, hit.argmax(axis=1)], 0.0)
         miss = np.nonzero(~found)[0]
-        for s in range(0, len(miss), chunk):
-            m = miss[s:s + chunk]
-            r = torch.as_tensor(rows[m], device=x.device)
-            c = torch.as_tensor(cols[m], device=x.device)
-            d2 = norms[r] + norms[c] - 2.0 * (x[r] * x[c]).sum(1)
-            out[m] = d2.clamp(min=0.0).masked_fill(r == c, 0.0).cpu().numpy()
+        out[miss] = pair_sq_distances(x, norms, rows[miss], cols[miss])
         return out / scale[rows]
 
     return dist

@@ -29,32 +29,85 @@ class Neighbours(NamedTuple):
 
 def sq_norms(x: torch.Tensor) -> torch.Tensor:
     """|x_i|^2 per row."""
-    return x.pow(2).sum(1)
+    return torch.einsum("ij,ij->i", x, x)
+
+
+def pair_sq_distances(x: torch.Tensor, norms: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
+                      *, chunk: int = 2048) -> np.ndarray:
+    """float64 |x_r - x_c|^2 for each pair (rows[p], cols[p]), 0 when r == c, from the same
+    expansion |x_r|^2 + |x_c|^2 - 2 <x_r, x_c> as the k-NN search. float32 CPU features go
+    through FAISS's indexed inner products (no gathered copies of the rows); other dtypes and
+    devices through torch, ``chunk`` pairs at a time."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        xs = x.detach().numpy()
+        r = np.ascontiguousarray(rows, dtype=np.int64)
+        c = np.ascontiguousarray(cols, dtype=np.int64)
+        ip = np.empty(len(r), dtype=np.float32)
+        faiss.pairwise_indexed_inner_product(xs.shape[1], len(r), faiss.swig_ptr(xs), faiss.swig_ptr(r),
+                                             faiss.swig_ptr(xs), faiss.swig_ptr(c), faiss.swig_ptr(ip))
+        nn = norms.detach().numpy().astype(np.float64)
+        d2 = nn[r] + nn[c] - 2.0 * ip.astype(np.float64)
+    else:
+        d2 = np.empty(len(rows), dtype=np.float64)
+        for s in range(0, len(rows), chunk):
+            r = torch.as_tensor(rows[s:s + chunk], device=x.device)
+            c = torch.as_tensor(cols[s:s + chunk], device=x.device)
+            part = norms[r] + norms[c] - 2.0 * torch.einsum("ij,ij->i", x[r], x[c])
+            d2[s:s + chunk] = part.cpu().numpy()
+    d2 = np.clip(d2, 0.0, None)
+    d2[rows == cols] = 0.0
+    return d2
 
 
 def knn_exact(x: torch.Tensor, k: int, *, block: int | None = None, progress: bool = False) -> Neighbours:
     """Exact k-NN of every row of ``x`` among all rows (self included at distance 0).
 
-    Rows go in blocks of ``block`` (default: 2048, fewer when N is large, so that one block of
-    distances stays under 2^26 entries).
+    The distance matrix is symmetric, so each pair is computed once: strip b holds the distances
+    from rows block b to every column from the start of block b on (one matmul). Its row-wise
+    top-k serves the strip's rows, its column-wise top-k the later rows, whose candidates are
+    merged into a running top-k; the row maxima come from the same strips. Rows go in blocks of
+    ``block`` (default: 1024, fewer when N is large so a strip stays under 2^26 entries). Ties at
+    the k-th distance are broken arbitrarily; the k returned are sorted by (distance, id).
     """
     n = x.shape[0]
-    block = block or max(64, min(2048, 2**26 // n))
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, N] = [1, {n}], got {k}")
+    block = block or max(64, min(1024, 2**26 // n))
     norms = sq_norms(x)
-    ids = np.empty((n, k), dtype=np.int64)
-    dist = np.empty((n, k), dtype=np.float64)
-    row_max = np.empty(n, dtype=np.float64)
-    starts = range(0, n, block)
-    for s in tqdm(starts, desc="k-NN", disable=not progress, leave=False):
+    best_d = torch.full((n, k), float("inf"), dtype=x.dtype, device=x.device)
+    best_i = torch.zeros((n, k), dtype=torch.int64, device=x.device)
+    row_max = torch.zeros(n, dtype=x.dtype, device=x.device)
+    for s in tqdm(range(0, n, block), desc="k-NN", disable=not progress, leave=False):
         e = min(s + block, n)
-        d2 = (norms[s:e, None] + norms[None, :]).addmm_(x[s:e], x.t(), alpha=-2.0)
-        d2.clamp_(min=0.0)
-        d2[torch.arange(e - s), torch.arange(s, e)] = 0.0  # exact zero self-distance
-        val, idx = torch.topk(d2, k, dim=1, largest=False, sorted=True)
-        ids[s:e] = idx.cpu().numpy()
-        dist[s:e] = val.cpu().numpy()
-        row_max[s:e] = d2.max(dim=1).values.cpu().numpy()
-    return Neighbours(ids, dist, row_max)
+        d2 = torch.mm(-2.0 * x[s:e], x[s:].t()).add_(norms[None, s:]).add_(norms[s:e, None]).clamp_(min=0.0)
+        d2[:, : e - s].fill_diagonal_(0.0)  # exact zero self-distance
+        row_max[s:e] = torch.maximum(row_max[s:e], d2.amax(dim=1))
+        val, idx = torch.topk(d2, min(k, n - s), dim=1, largest=False, sorted=False)
+        _merge(best_d, best_i, s, e, val, idx + s)
+        if e < n:  # the same distances seen from the later columns
+            later = d2[:, e - s:]
+            row_max[e:] = torch.maximum(row_max[e:], later.amax(dim=0))
+            val, idx = torch.topk(later, min(k, e - s), dim=0, largest=False, sorted=False)
+            _merge(best_d, best_i, e, n, val.t(), idx.t() + s)
+    ids, dist = _sort_by_distance_then_id(best_d.cpu().numpy(), best_i.cpu().numpy())
+    return Neighbours(ids, dist, row_max.cpu().numpy().astype(np.float64))
+
+
+def _merge(best_d: torch.Tensor, best_i: torch.Tensor, a: int, b: int, val: torch.Tensor,
+           idx: torch.Tensor) -> None:
+    """Rows a..b of the running top-k (in place) merged with new candidates (val, idx)."""
+    k = best_d.shape[1]
+    cand_d = torch.cat([best_d[a:b], val], dim=1)
+    cand_i = torch.cat([best_i[a:b], idx], dim=1)
+    top_d, pos = torch.topk(cand_d, k, dim=1, largest=False, sorted=False)
+    best_d[a:b] = top_d
+    best_i[a:b] = cand_i.gather(1, pos)
+
+
+def _sort_by_distance_then_id(dist: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's (ids, float64 distances) ordered by distance, ties by id (a stable sort's order)."""
+    order = np.lexsort((ids, dist), axis=1)
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(dist, order, axis=1).astype(np.float64)
 
 
 def knn_hnsw(x: torch.Tensor, k: int, *, m: int = 32, ef_search: int = 128, progress: bool = False) -> Neighbours:
