@@ -78,7 +78,7 @@ def jaccard_rows(v: CSR, rows: np.ndarray, *, block_elems: int = 4_000_000,
         owner2, j, vj = gather_rows(vt, col)  # every point sharing column `col`
         b = owner[owner2]
         smin = np.bincount(b * n + j, weights=np.minimum(vi[owner2], vj), minlength=len(rb) * n)
-        rr, cc = np.nonzero(smin.reshape(len(rb), n) > 0)
+        rr, cc = np.divmod(np.flatnonzero(smin > 0), n)
         s_val = smin[rr * n + cc]
         smax = rowsum[rb[rr]] + rowsum[cc] - s_val
         dist = 1.0 - s_val / smax

@@ -63,11 +63,13 @@ def knn_exact(x: torch.Tensor, k: int, *, block: int | None = None, progress: bo
     """Exact k-NN of every row of ``x`` among all rows (self included at distance 0).
 
     The distance matrix is symmetric, so each pair is computed once: strip b holds the distances
-    from rows block b to every column from the start of block b on (one matmul). Its row-wise
-    top-k serves the strip's rows, its column-wise top-k the later rows, whose candidates are
-    merged into a running top-k; the row maxima come from the same strips. Rows go in blocks of
-    ``block`` (default: 1024, fewer when N is large so a strip stays under 2^26 entries). Ties at
-    the k-th distance are broken arbitrarily; the k returned are sorted by (distance, id).
+    from row block b to every row from the start of block b on. Its row-wise top-k serves block
+    b's rows; seen by column, it offers the later rows every distance below their current k-th
+    best, merged into their running top-k. Strips go from the last block to the first, so every
+    later row already holds k candidates from its own strip and few entries pass that threshold.
+    The row maxima come from the same strips. Blocks have ``block`` rows (default: 1024, fewer
+    when N is large so a strip stays under 2^26 entries). Ties at the k-th distance are broken
+    arbitrarily; the k returned are sorted by (distance, id).
     """
     n = x.shape[0]
     if not 1 <= k <= n:
@@ -77,31 +79,70 @@ def knn_exact(x: torch.Tensor, k: int, *, block: int | None = None, progress: bo
     best_d = torch.full((n, k), float("inf"), dtype=x.dtype, device=x.device)
     best_i = torch.zeros((n, k), dtype=torch.int64, device=x.device)
     row_max = torch.zeros(n, dtype=x.dtype, device=x.device)
-    for s in tqdm(range(0, n, block), desc="k-NN", disable=not progress, leave=False):
+    starts = range(0, n, block)
+    for s in tqdm(reversed(starts), total=len(starts), desc="k-NN", disable=not progress, leave=False):
         e = min(s + block, n)
-        d2 = torch.mm(-2.0 * x[s:e], x[s:].t()).add_(norms[None, s:]).add_(norms[s:e, None]).clamp_(min=0.0)
-        d2[:, : e - s].fill_diagonal_(0.0)  # exact zero self-distance
+        d2 = _strip(x, norms, s, e)
         row_max[s:e] = torch.maximum(row_max[s:e], d2.amax(dim=1))
         val, idx = torch.topk(d2, min(k, n - s), dim=1, largest=False, sorted=False)
-        _merge(best_d, best_i, s, e, val, idx + s)
-        if e < n:  # the same distances seen from the later columns
+        _merge(best_d, best_i, slice(s, e), val, idx + s)
+        if e < n:  # the same distances seen from the later rows
             later = d2[:, e - s:]
             row_max[e:] = torch.maximum(row_max[e:], later.amax(dim=0))
-            val, idx = torch.topk(later, min(k, e - s), dim=0, largest=False, sorted=False)
-            _merge(best_d, best_i, e, n, val.t(), idx.t() + s)
+            _merge_below_threshold(best_d, best_i, later, e, s)
     ids, dist = _sort_by_distance_then_id(best_d.cpu().numpy(), best_i.cpu().numpy())
     return Neighbours(ids, dist, row_max.cpu().numpy().astype(np.float64))
 
 
-def _merge(best_d: torch.Tensor, best_i: torch.Tensor, a: int, b: int, val: torch.Tensor,
+def _strip(x: torch.Tensor, norms: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Squared distances from rows s..e to rows s..N, clamped at 0, exact 0 to themselves.
+
+    float32 CPU features use FAISS's ``pairwise_L2sqr`` (BLAS sgemm under FAISS's thread
+    setting; faster than torch's matmul on this CPU), others torch's matmul."""
+    n, d = x.shape
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        xs = x.detach().numpy()
+        out = np.empty((e - s, n - s), dtype=np.float32)
+        faiss.pairwise_L2sqr(d, e - s, faiss.swig_ptr(xs[s:e]), n - s, faiss.swig_ptr(xs[s:]),
+                             faiss.swig_ptr(out))
+        d2 = torch.from_numpy(out)
+    else:
+        d2 = torch.mm(-2.0 * x[s:e], x[s:].t()).add_(norms[None, s:]).add_(norms[s:e, None])
+    d2.clamp_(min=0.0)
+    d2[:, : e - s].fill_diagonal_(0.0)
+    return d2
+
+
+def _merge(best_d: torch.Tensor, best_i: torch.Tensor, rows: slice | torch.Tensor, val: torch.Tensor,
            idx: torch.Tensor) -> None:
-    """Rows a..b of the running top-k (in place) merged with new candidates (val, idx)."""
+    """The running top-k of ``rows`` (in place) merged with new candidates (val, idx)."""
     k = best_d.shape[1]
-    cand_d = torch.cat([best_d[a:b], val], dim=1)
-    cand_i = torch.cat([best_i[a:b], idx], dim=1)
+    cand_d = torch.cat([best_d[rows], val], dim=1)
+    cand_i = torch.cat([best_i[rows], idx], dim=1)
     top_d, pos = torch.topk(cand_d, k, dim=1, largest=False, sorted=False)
-    best_d[a:b] = top_d
-    best_i[a:b] = cand_i.gather(1, pos)
+    best_d[rows] = top_d
+    best_i[rows] = cand_i.gather(1, pos)
+
+
+def _merge_below_threshold(best_d: torch.Tensor, best_i: torch.Tensor, later: torch.Tensor,
+                           first_col: int, first_row: int) -> None:
+    """Merge into the top-k of rows ``first_col + j`` the entries of column j of ``later``
+    (distances from rows ``first_row + r``) below that row's current k-th best distance."""
+    kth = best_d[first_col:].amax(dim=1)
+    r, c = (later < kth).nonzero(as_tuple=True)
+    if len(c) == 0:
+        return
+    c, order = torch.sort(c, stable=True)
+    r = r[order]
+    cols, counts = torch.unique_consecutive(c, return_counts=True)
+    group = torch.repeat_interleave(torch.arange(len(cols), device=c.device), counts)
+    slot = torch.arange(len(c), device=c.device) - (torch.cumsum(counts, 0) - counts)[group]
+    shape = (len(cols), int(counts.max()))
+    pad_d = torch.full(shape, float("inf"), dtype=later.dtype, device=later.device)
+    pad_i = torch.zeros(shape, dtype=torch.int64, device=later.device)
+    pad_d[group, slot] = later[r, c]
+    pad_i[group, slot] = r + first_row
+    _merge(best_d, best_i, cols + first_col, pad_d, pad_i)
 
 
 def _sort_by_distance_then_id(dist: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
