@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from fastmmt.cluster import ClusterError, SparseJaccard, k_reciprocal_jaccard
+from fastmmt.cluster.encoding import encode, query_expand
+from fastmmt.cluster.jaccard import feature_pair_distance, jaccard_rows
 from fastmmt.cluster.knn import knn_exact, knn_hnsw, pair_sq_distances, sq_norms
 from test_cluster_reference import (_hand_case, dense_encoding, dense_jaccard,
                                     dense_sq_euclidean)
@@ -134,3 +136,17 @@ def test_knn_exact_bad_k(data):
     for k in (0, len(x) + 1):
         with pytest.raises(ValueError, match="k must be in"):
             knn_exact(x, k)
+
+
+@pytest.mark.parametrize("num_rows,block_rows", [(180, 7), (180, 1), (50, 3)])
+def test_jaccard_rows_blocks_and_first_rows(data, num_rows, block_rows):
+    """Row blocks, pairs mirrored across blocks, and a prefix of the rows (as re-ranking uses)."""
+    x, ref = data
+    t = torch.from_numpy(x)
+    nb = knn_exact(t, 21)
+    v = query_expand(encode(nb.ids, feature_pair_distance(t, nb), 20), nb.ids, 6)
+    jac = jaccard_rows(v, num_rows, block_elems=block_rows * len(x))
+    np.testing.assert_allclose(jac.to_dense(), ref[:num_rows], atol=1e-5)
+    assert jac.nnz == int((ref[:num_rows] < 1).sum())
+    for r in range(num_rows):
+        assert np.all(np.diff(jac.row(r)[0]) > 0)
