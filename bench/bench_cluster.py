@@ -16,9 +16,9 @@ Peak memory of one step: ``python bench/bench_cluster.py --peak {sparse,dense,de
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -179,13 +179,13 @@ def kmeans_fastmmt(x: np.ndarray, k: int) -> np.ndarray:
     return kmeans(x, k, seed=0).labels
 
 
-def _vm_hwm_mb() -> float:
-    """Peak resident memory of this process (VmHWM; unlike ru_maxrss not inherited over exec)."""
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmHWM: peak resident, VmRSS: resident now) in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_rss_mb(kind: str, n: int) -> dict:
@@ -196,21 +196,27 @@ def peak_rss_mb(kind: str, n: int) -> dict:
 
 
 def _peak_main(kind: str, n: int) -> None:
+    """One step on fresh blobs; the peak is measured from after the data generation: the
+    generator's float64 temporaries are freed and VmHWM is reset (``clear_refs``), so the
+    peak is the step's own, with the float32 features and the libraries resident."""
     x, _ = blobs(n)
-    base = _vm_hwm_mb()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_mb("VmRSS")
     t0 = time.perf_counter()
     fn = {"sparse": sparse_pipeline, "dense": dense_pipeline,
           "dense-topk": lambda a: dense_pipeline(a, rank="topk"),
           "kmeans": lambda a: kmeans_fastmmt(a, max(2, round(n / 26)))}[kind]
     labels = fn(x)
     sec = time.perf_counter() - t0
-    peak = _vm_hwm_mb()
+    peak = _status_mb("VmHWM")
     print(json.dumps({"kind": kind, "n": n, "seconds": round(sec, 2), "peak_rss_mb": round(peak),
-                      "data_rss_mb": round(base), "clusters": int(labels.max()) + 1}))
+                      "start_rss_mb": round(base), "clusters": int(labels.max()) + 1}))
 
 
 def _scaling_main() -> None:
-    print("| N | step | seconds | peak RSS (MB) | RSS before the step (MB) | clusters |")
+    print("| N | step | seconds | peak RSS (MB) | RSS at the start of the step (MB) | clusters |")
     print("|---|---|---|---|---|---|")
     for n in (4_000, MARKET_N, 32_621):
         for kind in ("kmeans", "sparse", "dense", "dense-topk"):
@@ -219,7 +225,7 @@ def _scaling_main() -> None:
                       f"{4 * 4 * n * n / 2**30:.0f} GiB | | | |")
                 continue
             r = peak_rss_mb(kind, n)
-            print(f"| {n} | {kind} | {r['seconds']} | {r['peak_rss_mb']} | {r['data_rss_mb']} | "
+            print(f"| {n} | {kind} | {r['seconds']} | {r['peak_rss_mb']} | {r['start_rss_mb']} | "
                   f"{r['clusters']} |", flush=True)
 
 
@@ -229,7 +235,11 @@ def _phases_main(n: int) -> None:
     cols = {"sparse": timed_phases(sparse_phases(x, {}))}
     for rank in DENSE_RANKS:
         cols[f"dense-{rank}"] = timed_phases(dense_phases(x, {}, rank=rank))
-    names = list(dict.fromkeys(p for c in cols.values() for p in c))
+    place = {}  # a phase's row: the latest position it has in any pipeline, ties by appearance
+    for c in cols.values():
+        for i, p in enumerate(c):
+            place[p] = max(place.get(p, 0), i)
+    names = sorted(place, key=place.get)
     print("| phase | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for p in names + ["total"]:
