@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from fastmmt.cluster import ClusterError, SparseJaccard, k_reciprocal_jaccard
-from fastmmt.cluster.knn import knn_exact, knn_hnsw
+from fastmmt.cluster.encoding import encode, query_expand
+from fastmmt.cluster.jaccard import feature_pair_distance, jaccard_rows
+from fastmmt.cluster.knn import knn_exact, knn_hnsw, pair_sq_distances, sq_norms
 from test_cluster_reference import (_hand_case, dense_encoding, dense_jaccard,
                                     dense_sq_euclidean)
 
@@ -69,13 +71,22 @@ def test_float32_features_close_to_float64(data):
     assert np.abs(out - ref).max() < 1e-3
 
 
-def test_knn_exact_matches_sort(data):
+@pytest.mark.parametrize("k,block", [(21, 64), (40, 16), (180, 64), (1, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_knn_exact_matches_sort(data, k, block, dtype):
+    """Blocks narrower than k, k = N and a single block: the symmetric strips and their merge;
+    float32 goes through FAISS's pairwise_L2sqr, float64 through torch."""
     x, _ = data
-    nb = knn_exact(torch.from_numpy(x), 21, block=64)
-    d = dense_sq_euclidean(x)
-    np.testing.assert_array_equal(nb.ids, np.argsort(d, axis=1, kind="stable")[:, :21])
-    np.testing.assert_allclose(nb.dist, np.sort(d, axis=1)[:, :21], atol=1e-12)
-    np.testing.assert_allclose(nb.row_max, d.max(axis=1), rtol=1e-12)
+    nb = knn_exact(torch.from_numpy(x).to(dtype), k, block=block)
+    d = dense_sq_euclidean(torch.from_numpy(x).to(dtype).numpy())
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    if dtype == torch.float64:
+        np.testing.assert_array_equal(nb.ids, np.argsort(d, axis=1, kind="stable")[:, :k])
+    # float32: near-ties (within rounding) may swap; the true distances of the ids returned
+    # must still be the k smallest
+    np.testing.assert_allclose(np.take_along_axis(d, nb.ids, axis=1), np.sort(d, axis=1)[:, :k], rtol=0, atol=tol)
+    np.testing.assert_allclose(nb.dist, np.sort(d, axis=1)[:, :k], rtol=0, atol=tol)
+    np.testing.assert_allclose(nb.row_max, d.max(axis=1), rtol=tol)
 
 
 def test_knn_hnsw_recall_and_row_max(data):
@@ -104,3 +115,38 @@ def test_bad_input():
         k_reciprocal_jaccard(np.zeros((0, 4)))
     with pytest.raises(ValueError, match="unknown k-NN index"):
         k_reciprocal_jaccard(x, index="ivf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pair_sq_distances_match_dense(data, dtype):
+    """float32 goes through FAISS's indexed inner products, float64 through torch."""
+    x, _ = data
+    t = torch.from_numpy(x).to(dtype)
+    rng = np.random.default_rng(0)
+    rows, cols = rng.integers(0, len(x), 500), rng.integers(0, len(x), 500)
+    rows[:7] = cols[:7]  # a point with itself: exactly 0
+    got = pair_sq_distances(t, sq_norms(t), rows, cols)
+    ref = dense_sq_euclidean(t.numpy())[rows, cols]
+    assert got.dtype == np.float64 and np.all(got[:7] == 0)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_knn_exact_bad_k(data):
+    x = torch.from_numpy(data[0])
+    for k in (0, len(x) + 1):
+        with pytest.raises(ValueError, match="k must be in"):
+            knn_exact(x, k)
+
+
+@pytest.mark.parametrize("num_rows,block_rows", [(180, 7), (180, 1), (50, 3)])
+def test_jaccard_rows_blocks_and_first_rows(data, num_rows, block_rows):
+    """Row blocks, pairs mirrored across blocks, and a prefix of the rows (as re-ranking uses)."""
+    x, ref = data
+    t = torch.from_numpy(x)
+    nb = knn_exact(t, 21)
+    v = query_expand(encode(nb.ids, feature_pair_distance(t, nb), 20), nb.ids, 6)
+    jac = jaccard_rows(v, num_rows, block_elems=block_rows * len(x))
+    np.testing.assert_allclose(jac.to_dense(), ref[:num_rows], atol=1e-5)
+    assert jac.nnz == int((ref[:num_rows] < 1).sum())
+    for r in range(num_rows):
+        assert np.all(np.diff(jac.row(r)[0]) > 0)

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from fastmmt.cluster._threads import limited_threads
 from fastmmt.cluster.encoding import PairDistance, check_k, encode, query_expand
-from fastmmt.cluster.knn import Neighbours, knn, sq_norms
+from fastmmt.cluster.knn import Neighbours, knn, pair_sq_distances, sq_norms
 from fastmmt.cluster.result import ClusterError, as_feature_tensor
-from fastmmt.cluster.sparse import CSR, gather_rows
+from fastmmt.cluster.sparse import CSR, gather_rows, ragged_positions
 
 
 ZERO_TOL = 1e-6
@@ -63,39 +63,68 @@ class SparseJaccard:
         return out
 
 
-def jaccard_rows(v: CSR, rows: np.ndarray, *, block_elems: int = 4_000_000,
+def jaccard_rows(v: CSR, num_rows: int, *, block_elems: int = 400_000,
                  progress: bool = False) -> SparseJaccard:
-    """Jaccard distances from each point in ``rows`` to every point, over the encoding ``v``."""
+    """Jaccard distances from each of the first ``num_rows`` points to every point, over ``v``.
+
+    The distance is symmetric: a pair of two such points is evaluated once, in the row of the
+    lower id, and mirrored (so the result is exactly symmetric there). Rows go in blocks whose
+    dense accumulator (rows x N float64) holds about ``block_elems`` entries: small enough to
+    stay in cache (4M entries were 10-20% slower at N = 12,936)."""
     n = v.shape[1]
-    vt = v.transpose()
+    vt, in_vt = v.transpose_with_positions()
     rowsum = np.bincount(np.repeat(np.arange(n), np.diff(v.indptr)), weights=v.data, minlength=n)
     block = max(1, block_elems // max(n, 1))
-    indptr, indices, dists = [np.zeros(1, np.int64)], [], []
-    offset = 0
-    for s in tqdm(range(0, len(rows), block), desc="Jaccard", disable=not progress, leave=False):
-        rb = rows[s:s + block]
-        owner, col, vi = gather_rows(v, rb)
-        owner2, j, vj = gather_rows(vt, col)  # every point sharing column `col`
-        b = owner[owner2]
-        smin = np.bincount(b * n + j, weights=np.minimum(vi[owner2], vj), minlength=len(rb) * n)
-        rr, cc = np.nonzero(smin.reshape(len(rb), n) > 0)
-        s_val = smin[rr * n + cc]
-        smax = rowsum[rb[rr]] + rowsum[cc] - s_val
-        dist = 1.0 - s_val / smax
+    rows_u, cols_u, dist_u = [], [], []
+    for s in tqdm(range(0, num_rows, block), desc="Jaccard", disable=not progress, leave=False):
+        e = min(s + block, num_rows)
+        owner, col, vi = gather_rows(v, np.arange(s, e))
+        # the points j >= the row's own id that share column `col`: vt's row `col` (ascending
+        # ids) from the row's own entry on
+        start = in_vt[v.indptr[s]:v.indptr[e]]
+        lengths = vt.indptr[col + 1] - start
+        pos = ragged_positions(start, lengths)
+        entry = np.repeat(np.arange(len(col)), lengths)
+        width = n - s
+        key = owner[entry] * width + (vt.indices[pos] - s)
+        smin = np.bincount(key, weights=np.minimum(vi[entry], vt.data[pos]), minlength=(e - s) * width)
+        rr, cc = np.divmod(np.flatnonzero(smin > 0), width)
+        s_val = smin[rr * width + cc]
+        rr += s
+        cc += s
+        dist = 1.0 - s_val / (rowsum[rr] + rowsum[cc] - s_val)
         dist[dist < ZERO_TOL] = 0.0
-        counts = np.bincount(rr, minlength=len(rb))
-        indptr.append(offset + np.cumsum(counts))
-        offset += len(cc)
-        indices.append(cc.astype(np.int64))
-        dists.append(dist.astype(np.float32))
-    return SparseJaccard(np.concatenate(indptr), _cat(indices, np.int64), _cat(dists, np.float32), n)
+        rows_u.append(rr)
+        cols_u.append(cc)
+        dist_u.append(dist.astype(np.float32))
+    return _with_mirror(_cat(rows_u, np.int64), _cat(cols_u, np.int64), _cat(dist_u, np.float32),
+                        num_rows, n)
+
+
+def _with_mirror(rows: np.ndarray, cols: np.ndarray, dist: np.ndarray, num_rows: int,
+                 n: int) -> SparseJaccard:
+    """CSR rows from the pairs (row, col >= row) in row-major order plus their mirrors
+    (col, row) for cols < num_rows: a row's mirrored entries (ids below it) come first."""
+    low = (cols > rows) & (cols < num_rows)
+    order = np.argsort(cols[low], kind="stable")  # by new row; old rows stay ascending within
+    rows_l, cols_l, dist_l = cols[low][order], rows[low][order], dist[low][order]
+    count_l = np.bincount(rows_l, minlength=num_rows)
+    count_u = np.bincount(rows, minlength=num_rows)
+    indptr = np.concatenate([[0], np.cumsum(count_l + count_u)]).astype(np.int64)
+    pos_l = indptr[rows_l] + np.arange(len(rows_l)) - (np.cumsum(count_l) - count_l)[rows_l]
+    pos_u = indptr[rows] + count_l[rows] + np.arange(len(rows)) - (np.cumsum(count_u) - count_u)[rows]
+    indices = np.empty(indptr[-1], dtype=np.int64)
+    distances = np.empty(indptr[-1], dtype=np.float32)
+    indices[pos_l], distances[pos_l] = cols_l, dist_l
+    indices[pos_u], distances[pos_u] = cols, dist
+    return SparseJaccard(indptr, indices, distances, n)
 
 
 def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def feature_pair_distance(x: torch.Tensor, nb: Neighbours, *, chunk: int = 8192) -> PairDistance:
+def feature_pair_distance(x: torch.Tensor, nb: Neighbours) -> PairDistance:
     """Row-normalised squared Euclidean distance between feature rows, pair by pair.
 
     Pairs found in the k-NN lists reuse the distance already computed there (most of them);
@@ -109,12 +138,7 @@ def feature_pair_distance(x: torch.Tensor, nb: Neighbours, *, chunk: int = 8192)
         found = hit.any(axis=1)
         out = np.where(found, nb.dist[rows, hit.argmax(axis=1)], 0.0)
         miss = np.nonzero(~found)[0]
-        for s in range(0, len(miss), chunk):
-            m = miss[s:s + chunk]
-            r = torch.as_tensor(rows[m], device=x.device)
-            c = torch.as_tensor(cols[m], device=x.device)
-            d2 = norms[r] + norms[c] - 2.0 * (x[r] * x[c]).sum(1)
-            out[m] = d2.clamp(min=0.0).masked_fill(r == c, 0.0).cpu().numpy()
+        out[miss] = pair_sq_distances(x, norms, rows[miss], cols[miss])
         return out / scale[rows]
 
     return dist
@@ -147,5 +171,5 @@ def k_reciprocal_jaccard(
         nb = knn(x, min(k1 + 1, n), index=index, progress=progress)
         v = encode(nb.ids, feature_pair_distance(x, nb), k1, progress=progress)
         v = query_expand(v, nb.ids, k2, progress=progress)
-        jac = jaccard_rows(v, np.arange(n), progress=progress)
+        jac = jaccard_rows(v, n, progress=progress)
     return jac.to_dense() if dense else jac

@@ -14,13 +14,16 @@ class CSR(NamedTuple):
     data: np.ndarray
     shape: tuple[int, int]
 
-    def transpose(self) -> "CSR":
-        """The transpose, also CSR (i.e. this matrix by columns); row order kept within columns."""
+    def transpose_with_positions(self) -> tuple["CSR", np.ndarray]:
+        """The transpose, also CSR (i.e. this matrix by columns; row order kept within columns),
+        and where each stored entry of this matrix lands in it."""
         rows = np.repeat(np.arange(self.shape[0], dtype=np.int64), np.diff(self.indptr))
         order = np.argsort(self.indices, kind="stable")
+        positions = np.empty_like(order)
+        positions[order] = np.arange(len(order))
         counts = np.bincount(self.indices, minlength=self.shape[1])
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return CSR(indptr, rows[order], self.data[order], (self.shape[1], self.shape[0]))
+        return CSR(indptr, rows[order], self.data[order], (self.shape[1], self.shape[0])), positions
 
 
 def ragged_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

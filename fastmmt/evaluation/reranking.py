@@ -49,7 +49,7 @@ def re_ranking(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray,
     scale = np.where(scale > 0, scale, 1.0)
     ids = np.argsort(full, axis=1, kind="stable")[:, : min(k1 + 1, n)]
     v = query_expand(encode(ids, lambda r, c: full[r, c] / scale[r], k1), ids, k2)
-    jac = jaccard_rows(v, np.arange(nq)).to_dense()[:, nq:]
+    jac = jaccard_rows(v, nq).to_dense()[:, nq:]
     return ((1 - lambda_value) * jac + lambda_value * q_g / scale[:nq, None]).astype(np.float32)
 
 
@@ -75,7 +75,7 @@ def iter_re_ranking_blocks(qf: torch.Tensor | np.ndarray, gf: torch.Tensor | np.
         nb = knn(x, min(k1 + 1, x.shape[0]), index=index, progress=progress)
         v = encode(nb.ids, feature_pair_distance(x, nb), k1, progress=progress)
         v = query_expand(v, nb.ids, k2, progress=progress)
-        jac = jaccard_rows(v, np.arange(nq), progress=progress)
+        jac = jaccard_rows(v, nq, progress=progress)
         norms = sq_norms(x)
         scale = np.where(nb.row_max > 0, nb.row_max, 1.0)
         for s in range(0, nq, block_size):
