@@ -151,4 +151,6 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(setup, tmp_path, cap
         assert cli_main([*args, "--resume"]) == 0
     assert "last.pt is unreadable" in caplog.text
     _assert_bit_identical(_nets(last), ref_nets)
+    logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in logged] == [0, 1, 2, None], "the replayed epoch is logged once, one final record"
     assert not list(run.rglob("*.tmp"))

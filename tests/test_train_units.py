@@ -147,3 +147,35 @@ def test_demo_config_file_equals_demo_options():
     for key in ("height", "width", "workers", "backend", "batch_size", "num_instances", "test_batch_size"):
         assert a["data"][key] == b["data"][key], key
     assert a["run"]["seed"] == b["run"]["seed"] and a["run"]["eval_every"] == b["run"]["eval_every"]
+
+
+def test_run_logger_start_at_drops_replayed_epochs_and_final(tmp_path):
+    from fastmmt.train.logger import RunLogger
+
+    lg = RunLogger(tmp_path, tensorboard=False)
+    for e in range(3):
+        lg.log({"stage": "kmeans", "epoch": e, "loss": 1.0 / (e + 1)})
+    lg.log({"stage": "kmeans", "final": True, "mAP": 0.5})
+    lg.start_at(2)  # resuming from the checkpoint of epoch 1: epoch 2 will be logged again
+    assert [r.get("epoch") for r in lg.records()] == [0, 1]
+    lg.start_at(0)  # a fresh run in the same folder
+    assert lg.records() == [] and not list(tmp_path.glob("*.tmp"))
+
+
+def test_load_model_file_builds_the_saved_architecture(tmp_path, caplog):
+    from fastmmt.train.common import make_model
+    from fastmmt.train.options import ExperimentOptions, ModelOptions
+    from fastmmt.train.pretrain import load_model_file, model_file
+
+    net = make_model(ModelOptions(arch="resnet18", base_width=8), 7, torch.device("cpu"))
+    atomic_save(model_file(net, 7), tmp_path / "model.pt")
+    opts = ExperimentOptions()  # the run says resnet50, width 64
+    with caplog.at_level("WARNING"):
+        back = load_model_file(tmp_path / "model.pt", opts, torch.device("cpu"))
+    assert "arch=resnet18" in caplog.text and back.model_options.base_width == 8
+    for k, v in net.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    # a file without saved options (older runs) whose weights do not fit the run's network
+    atomic_save({"model": net.state_dict(), "num_classes": 7}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old\.pt does not fit model\.arch=resnet50"):
+        load_model_file(tmp_path / "old.pt", opts, torch.device("cpu"))

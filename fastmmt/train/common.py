@@ -27,9 +27,11 @@ class NonFiniteLossError(FloatingPointError):
 
 def make_model(mopts: ModelOptions, num_classes: int, device: torch.device, bn_split: int = 0,
                pretrained: str | None = None) -> ReIDNet:
-    """Build the re-ID network on ``device`` with the run's BN split and memory format."""
+    """Build the re-ID network on ``device`` with the run's BN split and memory format; the
+    options it was built with stay on it as ``model.model_options``."""
     model = build_model(mopts.arch, num_classes, dropout=mopts.dropout, pretrained=pretrained,
                         base_width=mopts.base_width)
+    model.model_options = mopts  # what a model file records of it (fastmmt.train.pretrain.model_file)
     convert_bn_split(model, bn_split)
     model = model.to(device)
     if mopts.channels_last:

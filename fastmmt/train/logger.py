@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,23 @@ class RunLogger:
             return []
         with open(self.path) as f:
             return [json.loads(line) for line in f if line.strip()]
+
+    def start_at(self, epoch: int) -> None:
+        """Forget the records of ``epoch`` on (and any final record) before a run (re)starts there.
+
+        A resumed run replays the epochs after its checkpoint; without this, an epoch logged before
+        a crash whose checkpoint was lost (the ``prev.pt`` fallback) would appear twice. The file is
+        rewritten atomically, so a crash here keeps the old log whole.
+        """
+        kept = [r for r in self.records() if not r.get("final") and r.get("epoch", -1) < epoch]
+        if not self.path.exists() or len(kept) == len(self.records()):
+            return
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r, default=float) + "\n" for r in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append ``record`` (flushed at once), mirror scalars to TensorBoard, redraw the plot."""

@@ -36,7 +36,7 @@ from fastmmt.train.checkpoint import atomic_save, read_resume_checkpoint, save_c
 from fastmmt.train.common import adam, check_policy, evaluate, extract, step_is_finite, to_device
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions
-from fastmmt.train.pretrain import StageResult, load_model_file
+from fastmmt.train.pretrain import StageResult, load_model_file, model_file
 from fastmmt.train.runtime import (
     autocast,
     configure_threads,
@@ -165,6 +165,8 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
     ddp.broadcast_state(students + teachers, ctx)  # every rank starts from rank 0's networks
 
     logger = RunLogger(out_dir) if ctx.is_main else None
+    if logger is not None:
+        logger.start_at(st.epoch)
     loader = None
     records = target.train
     true_ids = np.array([x.pid for x in records])  # for the logged diagnostic only, never trained on
@@ -268,7 +270,7 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
                 record["eval_seconds"] += met2["eval_seconds"]
             if r.select_best and met["mAP"] > st.best.get("mAP", -1.0):
                 st.best = {"epoch": epoch, **met}
-                ddp.run_on_main(ctx, atomic_save, {"model": eval_net.state_dict(), "num_classes": int(res.num_clusters)},
+                ddp.run_on_main(ctx, atomic_save, model_file(eval_net, res.num_clusters, epoch=epoch),
                                 out_dir / "best.pt")
         st.history.append(record)
         ddp.run_on_main(ctx, _write_epoch, _epoch_state(epoch, st, students + teachers, labels, clusterer),
@@ -277,9 +279,8 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
             log.info("%s epoch %d: %s", a.method, epoch,
                      ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
 
-    final_path = ddp.run_on_main(ctx, atomic_save, {"model": eval_net.state_dict(),
-                                                    "num_classes": int(eval_net.classifier.out_features),
-                                                    "method": a.method}, out_dir / "model.pt")
+    final_path = ddp.run_on_main(ctx, atomic_save, model_file(eval_net, eval_net.classifier.out_features,
+                                                              method=a.method), out_dir / "model.pt")
     last = st.history[-1] if st.history else {}
     metrics = {k: last[k] for k in ("mAP", "rank1", "rank5", "rank10") if k in last}
     if not metrics:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,8 @@ def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOp
                                  batch_size=d.batch_size, num_instances=1, num_views=1,
                                  workers=d.workers, seed=seed + 7, erase=p.erase, backend=d.backend, **shard)
     logger = RunLogger(out_dir) if ctx.is_main else None
+    if logger is not None:
+        logger.start_at(start)
     train_seconds = 0.0
     for epoch in range(start, p.epochs):
         seed_everything(epoch_seed(seed, epoch))
@@ -140,8 +142,8 @@ def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOp
             log.info("pretrain seed %d epoch %d: ce %.3f tri %.3f acc %.3f (%.1f img/s)", seed, epoch,
                      record["loss_ce"], record["loss_tri"], record["acc"], record["images_per_second"])
 
-    model_path = ddp.run_on_main(ctx, atomic_save, {"model": model.state_dict(), "num_classes": source.num_train_pids,
-                                                    "model_options": asdict(m), "seed": seed}, out_dir / "model.pt")
+    model_path = ddp.run_on_main(ctx, atomic_save, model_file(model, source.num_train_pids, seed=seed),
+                                 out_dir / "model.pt")
     metrics = {}
     eval_seconds = 0.0
     if target is not None:
@@ -170,12 +172,38 @@ def _write_epoch(state: dict, record: dict, out_dir: Path, logger: RunLogger) ->
     logger.log(record)
 
 
+ARCH_KEYS = ("arch", "base_width", "dropout")  # the model options a model file fixes
+
+
+def model_file(model: torch.nn.Module, num_classes: int, **extra) -> dict:
+    """What a ``model.pt`` holds: weights, classifier size and the options the network was built
+    with (by :func:`~fastmmt.train.common.make_model`)."""
+    return {"model": model.state_dict(), "num_classes": int(num_classes),
+            "model_options": asdict(model.model_options), **extra}
+
+
 def load_model_file(path: str | Path, opts: ExperimentOptions, device: torch.device):
-    """Build the network a ``model.pt`` of :func:`pretrain` describes and load its weights."""
+    """Build the network a ``model.pt`` describes and load its weights.
+
+    The architecture comes from the options saved in the file (older files without them: the
+    run's ``model`` options); the run keeps its own channels_last and BN split.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist (run `fastmmt pretrain` first)")
     state = torch.load(path, map_location=device, weights_only=False)
-    model = make_model(opts.model, state["num_classes"], device, opts.run.bn_split)
-    model.load_state_dict(state["model"])
+    mopts = opts.model
+    saved = {k: v for k, v in (state.get("model_options") or {}).items() if k in ARCH_KEYS}
+    differ = {k: v for k, v in saved.items() if getattr(mopts, k) != v}
+    if differ:
+        log.warning("%s holds a %s network; building that, not the run's model options (%s)", path,
+                    ", ".join(f"{k}={v}" for k, v in differ.items()),
+                    ", ".join(f"{k}={getattr(mopts, k)}" for k in differ))
+        mopts = replace(mopts, **differ)
+    model = make_model(mopts, state["num_classes"], device, opts.run.bn_split)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(f"model file {path} does not fit model.arch={mopts.arch} "
+                         f"model.base_width={mopts.base_width}: {str(e).splitlines()[0]}") from None
     return model
