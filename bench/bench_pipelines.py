@@ -5,7 +5,7 @@
   (``DaliTrainLoader``) vs ``TorchTrainLoader`` (a ``torch.utils.data.DataLoader`` with 2
   worker processes). Throughput counts images (each image gives both views).
 - Test extraction: resize + normalise in record order, batches of 128: ``DaliTestLoader`` vs
-  the torch ``build_test_loader`` with 2 workers.
+  the torch ``build_torch_test_loader`` with 2 workers.
 - On a GPU (skipped without CUDA): the same streams with nvJPEG ``mixed`` decoding.
 
 Source images are synthetic 128x64 JPEGs (the size of Market-1501 crops), upscaled to 256x128.
@@ -25,7 +25,7 @@ from PIL import Image
 
 from fastmmt.data import ImageRecord, TorchTrainLoader
 from fastmmt.data.dali import DaliTestLoader, DaliTrainLoader
-from fastmmt.data.loaders import build_test_loader
+from fastmmt.data.loaders import build_torch_test_loader
 
 H, W = 256, 128
 IDS, PER_ID = 96, 6
@@ -90,7 +90,7 @@ def _test_round(loader) -> None:
 
 def _bench_test(benchmark, records, **dali_kwargs) -> None:
     dali = DaliTestLoader(records, H, W, batch_size=128, workers=2, **dali_kwargs)
-    ref = build_test_loader(records, H, W, batch_size=128, workers=2)
+    ref = build_torch_test_loader(records, H, W, batch_size=128, workers=2)
     torch_rate = _rate(lambda: _test_round(ref), len(records))
     _test_round(dali)
     benchmark.pedantic(lambda: _test_round(dali), rounds=ROUNDS, iterations=1)

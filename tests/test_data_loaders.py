@@ -1,4 +1,4 @@
-"""TorchTrainLoader and build_test_loader on tiny JPEGs written here."""
+"""TorchTrainLoader and build_torch_test_loader on tiny JPEGs written here."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmmt.data import ImageRecord, TestTransform, TorchTrainLoader, build_test_loader, load_image
+from fastmmt.data import ImageRecord, TestTransform, TorchTrainLoader, build_torch_test_loader, load_image
 
 H, W = 16, 8
 
@@ -92,7 +92,7 @@ def test_set_labels_excludes_and_validates(records):
 
 
 def test_test_loader_order_and_values(records):
-    loader = build_test_loader(records, 32, 16, batch_size=7, workers=0)
+    loader = build_torch_test_loader(records, 32, 16, batch_size=7, workers=0)
     got = list(loader)
     assert [len(b[0]) for b in got] == [7, 7, 7, 7, 2]           # last partial batch kept
     imgs, pids, cams, idx = (torch.cat(x) for x in zip(*got))

@@ -79,4 +79,4 @@ def build_test_loader(records: Sequence[ImageRecord], height: int, width: int, b
         from fastmmt.data.dali import DaliTestLoader
         return DaliTestLoader(records, height, width, batch_size, workers, **dali_options)
     _torch_only(dali_options)
-    return torch_loaders.build_test_loader(records, height, width, batch_size, workers)
+    return torch_loaders.build_torch_test_loader(records, height, width, batch_size, workers)

@@ -147,7 +147,7 @@ class _TestImages(Dataset):
         return self.transform(load_image(r.path)), r.pid, r.camid, i
 
 
-def build_test_loader(records: Sequence[ImageRecord], height: int, width: int, batch_size: int = 128,
+def build_torch_test_loader(records: Sequence[ImageRecord], height: int, width: int, batch_size: int = 128,
                       workers: int = 2) -> DataLoader:
     """Batches ``(images, pids, camids, indices)`` in record order, last partial batch included."""
     if batch_size <= 0 or workers < 0:
