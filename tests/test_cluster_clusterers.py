@@ -1,11 +1,12 @@
-"""The trainer's interface: KMeansClusterer, DBSCANClusterer (eps fixed once), build_clusterer."""
+"""The trainer's interface: KMeansClusterer, DBSCANClusterer (eps fixed once), KnownLabels,
+build_clusterer."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score as nmi
 
-from fastmmt.cluster import (ClusterError, ClusterResult, DBSCANClusterer, KMeansClusterer,
+from fastmmt.cluster import (ClusterError, ClusterResult, DBSCANClusterer, KMeansClusterer, KnownLabels,
                              build_clusterer, dbscan, dbscan_eps_from_rho, k_reciprocal_jaccard)
 from test_cluster_jaccard import blobs
 
@@ -83,3 +84,19 @@ def test_bad_state_and_method():
         build_clusterer("spectral")
     with pytest.raises(ClusterError, match="k=400 .* N=300"):
         KMeansClusterer(k=400)(torch.randn(300, 8), epoch=0)
+
+
+def test_known_labels_renumber_by_first_appearance_with_cluster_means():
+    x = torch.arange(12, dtype=torch.float64).reshape(6, 2)
+    c = build_clusterer("known", labels=[5003, -1, 5001, 5003, 5001, 7])
+    res = c(x, epoch=3)
+    assert res.labels.tolist() == [0, -1, 1, 0, 1, 2] and res.num_clusters == 3
+    expected = torch.stack([(x[0] + x[3]) / 2, (x[2] + x[4]) / 2, x[5]]).float()  # by hand, outlier row 1 ignored
+    torch.testing.assert_close(res.centroids, expected)
+    assert c(x, epoch=4).labels.tolist() == res.labels.tolist()  # the same every epoch
+    with pytest.raises(ClusterError, match="5 feature rows but 6 known labels"):
+        c(x[:5], epoch=0)
+    with pytest.raises(ClusterError, match="integer"):
+        KnownLabels(np.array([0.5, 1.0]))
+    with pytest.raises(ClusterError, match="all negative"):
+        KnownLabels([-1, -1])

@@ -127,6 +127,23 @@ def test_dbscan_and_baseline_run(domains, pretrained):
     assert 0.0 <= res.metrics["rank1"] <= 1.0
 
 
+def test_oracle_trains_on_the_true_identities(domains, pretrained):
+    _, target = domains
+    out, inits = pretrained
+    o = tiny_options(out)
+    o.adapt.method = "oracle"
+    with pytest.raises(ValueError, match="method oracle needs 2 pre-trained model"):
+        adapt(target, inits[:1], o, out / "oracle")
+    res = adapt(target, inits, o, out / "oracle")
+    pids = np.array([x.pid for x in target.train])
+    labels = np.load(out / "oracle" / "pseudo_labels.npy")
+    # the labels are the true ids renumbered: same partition, one class per identity
+    assert len(set(zip(labels.tolist(), pids.tolist()))) == len(set(pids.tolist())) == labels.max() + 1
+    rec = [json.loads(x) for x in (out / "oracle" / "log.jsonl").read_text().splitlines() if "epoch" in json.loads(x)][-1]
+    assert rec["pseudo_nmi"] == pytest.approx(1.0) and rec["num_clusters"] == len(set(pids.tolist()))
+    assert torch.load(res.model_path, weights_only=False)["method"] == "oracle"
+
+
 def test_cli_evaluate_and_clear_errors(domains, pretrained, tmp_path, capsys):
     out, inits = pretrained
     root = Path(domains[1].root)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from fastmmt.cli.config import ConfigError, load_options, options_to_dict
+from fastmmt.cli.config import CHOICES, ConfigError, load_options, options_to_dict
 
 log = logging.getLogger("fastmmt")
 
@@ -154,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("adapt", help="Stage II: MMT (kmeans|dbscan) or the single-model baseline")
+    p = sub.add_parser("adapt", help="Stage II: MMT (kmeans|dbscan), the single-model baseline, or the "
+                                     "oracle (MMT on the target's true ids)")
     _common(p)
-    p.add_argument("--method", choices=("kmeans", "dbscan", "baseline"))
+    p.add_argument("--method", choices=CHOICES[("adapt", "method")])
     p.add_argument("--init", nargs="+", help="pre-trained model files (default: OUT/pretrain/seed*/model.pt)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.set_defaults(func=cmd_adapt)

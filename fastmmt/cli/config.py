@@ -14,12 +14,12 @@ from typing import Any
 
 import yaml
 
-from fastmmt.train.options import ExperimentOptions
+from fastmmt.train.options import ADAPT_METHODS, ExperimentOptions
 
 CHOICES = {
     ("data", "backend"): ("auto", "dali", "torch"),
     ("model", "arch"): ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_ibn50a"),
-    ("adapt", "method"): ("kmeans", "dbscan", "baseline"),
+    ("adapt", "method"): ADAPT_METHODS,
     ("adapt", "cluster_backend"): ("auto", "faiss", "faiss-gpu", "torch"),
     ("run", "amp"): (None, "bf16", "fp16"),
     ("run", "loss_backend"): ("auto", "torch", "triton"),

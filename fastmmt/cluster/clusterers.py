@@ -85,11 +85,43 @@ class DBSCANClusterer:
         self.eps_epoch = state["eps_epoch"]
 
 
-CLUSTERERS = {"kmeans": KMeansClusterer, "dbscan": DBSCANClusterer}
+class KnownLabels:
+    """Pseudo-labels that are given, not found: the same ``labels`` every epoch (any integers;
+    negative = excluded, like DBSCAN outliers), renumbered ``0..K-1`` in order of first
+    appearance, with the features' cluster means as centroids.
+
+    With the true identities this turns the Stage II trainer into a target-supervised oracle:
+    what MMT would reach with perfect pseudo-labels.
+    """
+
+    def __init__(self, labels: np.ndarray | list[int], seed: int = 0) -> None:
+        # seed is accepted for interface symmetry: nothing here is random.
+        raw = np.asarray(labels)
+        if raw.ndim != 1 or raw.size == 0 or not np.issubdtype(raw.dtype, np.integer):
+            raise ClusterError(f"known labels must be a non-empty 1-D integer array, got {raw.dtype} {raw.shape}")
+        keep = raw >= 0
+        _, first, inverse = np.unique(raw[keep], return_index=True, return_inverse=True)
+        order = np.argsort(np.argsort(first))  # sorted-unique id -> rank of its first appearance
+        self.labels = np.full(raw.shape, -1, dtype=np.int64)
+        self.labels[keep] = order[inverse]
+        self.num_clusters = int(first.size)
+        if self.num_clusters == 0:
+            raise ClusterError("known labels exclude every sample (all negative)")
+
+    def __call__(self, features: torch.Tensor, epoch: int) -> ClusterResult:
+        x = as_feature_tensor(features)
+        if len(x) != len(self.labels):
+            raise ClusterError(f"{len(x)} feature rows but {len(self.labels)} known labels")
+        return ClusterResult(labels=self.labels.copy(), centroids=cluster_means(x, self.labels, self.num_clusters),
+                             num_clusters=self.num_clusters, info={"epoch": epoch})
 
 
-def build_clusterer(method: str, **kwargs: Any) -> KMeansClusterer | DBSCANClusterer:
-    """``"kmeans"`` (needs ``k``) or ``"dbscan"``; keyword arguments go to the constructor."""
+CLUSTERERS = {"kmeans": KMeansClusterer, "dbscan": DBSCANClusterer, "known": KnownLabels}
+
+
+def build_clusterer(method: str, **kwargs: Any) -> KMeansClusterer | DBSCANClusterer | KnownLabels:
+    """``"kmeans"`` (needs ``k``), ``"dbscan"`` or ``"known"`` (needs ``labels``); keyword
+    arguments go to the constructor."""
     if method not in CLUSTERERS:
         raise ClusterError(f"unknown clustering method {method!r}; choose one of {sorted(CLUSTERERS)}")
     return CLUSTERERS[method](**kwargs)

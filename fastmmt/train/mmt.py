@@ -35,7 +35,7 @@ from fastmmt.train import distributed as ddp
 from fastmmt.train.checkpoint import atomic_save, read_resume_checkpoint, save_checkpoint
 from fastmmt.train.common import adam, check_policy, evaluate, extract, step_is_finite, to_device
 from fastmmt.train.logger import RunLogger
-from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions
+from fastmmt.train.options import ADAPT_METHODS, AdaptOptions, DataOptions, ExperimentOptions
 from fastmmt.train.pretrain import StageResult, load_model_file, model_file
 from fastmmt.train.runtime import (
     autocast,
@@ -129,14 +129,18 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
           resume: bool = False) -> StageResult:
     """Run Stage II on ``target`` from pre-trained model files (two for MMT, one for the baseline).
 
+    ``kmeans`` / ``dbscan``: MMT on clusters; ``baseline``: one model on its own k-means clusters;
+    ``oracle``: MMT on the target's TRUE identities instead of clusters (what MMT reaches with
+    perfect pseudo-labels; for comparison only, it needs a labelled target).
+
     Writes a checkpoint every epoch (``out_dir/ckpt``), ``log.jsonl``, ``curves.png`` and the final
     teacher as ``out_dir/model.pt``. Returns the target metrics of the reported model: the last
     epoch's mean teacher 1 (or, with ``run.select_best``, the epoch of best target mAP).
     Under torchrun every rank calls this; see :mod:`fastmmt.train.distributed`.
     """
     a, d, m, r = opts.adapt, opts.data, opts.model, opts.run
-    if a.method not in ("kmeans", "dbscan", "baseline"):
-        raise ValueError(f"adapt.method must be kmeans, dbscan or baseline; got {a.method!r}")
+    if a.method not in ADAPT_METHODS:
+        raise ValueError(f"adapt.method must be one of {', '.join(ADAPT_METHODS)}; got {a.method!r}")
     mmt = a.method != "baseline"
     if len(init_models) != (2 if mmt else 1):
         raise ValueError(f"method {a.method} needs {2 if mmt else 1} pre-trained model(s), got {len(init_models)}")
@@ -154,10 +158,14 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
     if r.sync_bn:
         students = ddp.convert_sync_bn(students, ctx)
     teachers = [_make_teacher(s) for s in students] if mmt else []
-    clusterer = (build_clusterer("kmeans", k=a.k, seed=r.seed, backend=a.cluster_backend, num_threads=r.num_threads)
-                 if a.method in ("kmeans", "baseline") else
-                 build_clusterer("dbscan", k1=a.k1, k2=a.k2, rho=a.rho, min_samples=a.min_samples,
-                                 seed=r.seed, num_threads=r.num_threads))
+    if a.method == "dbscan":
+        clusterer = build_clusterer("dbscan", k1=a.k1, k2=a.k2, rho=a.rho, min_samples=a.min_samples,
+                                    seed=r.seed, num_threads=r.num_threads)
+    elif a.method == "oracle":
+        clusterer = build_clusterer("known", labels=np.array([x.pid for x in target.train]))
+    else:
+        clusterer = build_clusterer("kmeans", k=a.k, seed=r.seed, backend=a.cluster_backend,
+                                    num_threads=r.num_threads)
     st = _State()
     if resume and (restored := _resume(out_dir, students + teachers, teachers, clusterer, device, ctx)):
         st = restored
@@ -175,7 +183,7 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
     for epoch in range(st.epoch, a.epochs):
         seed_everything(epoch_seed(r.seed, epoch))
         times = {}
-        # 1. features of the target training set from the teachers (the student for the baseline)
+        # 1. features of the target training set from the teachers (the student for one model)
         t0 = time.perf_counter()
         feats = [extract(net, records, d, r, device, m, f"extract ep{epoch}", ctx) for net in (teachers or students)]
         cf = torch.stack(feats).mean(0)

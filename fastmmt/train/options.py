@@ -51,11 +51,14 @@ class PretrainOptions:
     target_bn_forward: bool = True    # forward a target batch each iteration (adapts BN stats)
 
 
+ADAPT_METHODS = ("kmeans", "dbscan", "baseline", "oracle")  # MMT on clusters x 2, one model, MMT on true ids
+
+
 @dataclass
 class AdaptOptions:
-    """Stage II: MMT (kmeans | dbscan) or the single-model baseline."""
+    """Stage II: MMT (kmeans | dbscan), the single-model baseline, or the true-label oracle."""
 
-    method: str = "kmeans"            # kmeans | dbscan | baseline
+    method: str = "kmeans"            # kmeans | dbscan | baseline | oracle (true target ids)
     epochs: int = 40
     iters: int = 400
     lr: float = 3.5e-4
