@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fastmmt.data import DomainStyle, generate_domains, generate_synthetic, load_dataset
-from fastmmt.data.synthetic import STYLES, _cameras
+from fastmmt.data.synthetic import STYLES, _camera_log_gains, _cameras
 
 SIZE = dict(num_ids=8, num_test_ids=6, images_per_id=6)
 NAME = re.compile(r"^(-1|\d{4})_c(\d)s1_(\d{6})_01\.jpg$")
@@ -91,11 +91,12 @@ def _pixels(base: str) -> np.ndarray:
 def test_measurable_domain_shift(domains, tmp_path):
     src, tgt = _pixels(domains["source"]), _pixels(domains["target"])
     # colour response: the same target people and scenes (same seed, same random stream) with and
-    # without the target's response; its cast (blue gain 0.82), hue rotation and gamma 1.3 pull the
-    # blue channel mean down by far more than JPEG noise
+    # without the target's response; its cast (blue gain 0.82), hue rotation (90 degrees) and gamma
+    # 1.3 move the mean colour and every pixel by far more than JPEG noise (~0.01)
     neutral = dataclasses.replace(STYLES["target"], hue_shift=0.0, saturation=1.0, gamma=1.0, cast=(1.0, 1.0, 1.0))
     flat = _pixels(generate_synthetic(str(tmp_path / "n"), seed=5, domain="target", style=neutral, **SIZE))
-    assert flat.mean((0, 1, 2))[2] - tgt.mean((0, 1, 2))[2] > 0.1
+    assert np.linalg.norm(flat.mean((0, 1, 2)) - tgt.mean((0, 1, 2))) > 0.15
+    assert np.abs(flat - tgt).mean() > 0.1
     # resolution: the target is rendered at half size and upsampled -> much weaker horizontal
     # gradients than the sharp source
     grad = lambda a: np.abs(np.diff(a, axis=2)).mean()  # noqa: E731
@@ -135,3 +136,17 @@ def test_generate_domains_tiny(tmp_path):
     assert tgt == os.path.join(str(tmp_path), "target", "Market-1501-v15.09.15")
     assert load_dataset("market1501", src).num_train_pids == 12
     assert load_dataset("market1501", tgt).num_train_pids == 12
+
+
+@pytest.mark.parametrize("cams", [2, 5, 9])
+def test_camera_gains_differ_by_the_same_amount_for_every_seed(cams):
+    ladders = []
+    for seed in range(4):
+        g = _camera_log_gains(np.random.default_rng(seed), cams, cast=0.05, brightness=0.08)
+        light = g.mean(1)                 # the tint is orthogonal to grey: the row mean is brightness
+        tint = g - light[:, None]
+        np.testing.assert_allclose(np.linalg.norm(tint, axis=1), 0.05 * np.sqrt(2))  # one strength
+        np.testing.assert_allclose(tint.sum(0), 0, atol=1e-12)                        # evenly spaced
+        np.testing.assert_allclose([light.mean(), light.std()], [0, 0.08], atol=1e-12)
+        ladders.append(np.sort(light))
+    np.testing.assert_allclose(ladders[0], ladders[-1], atol=1e-12)  # the same brightness ladder, reordered
