@@ -10,7 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# every core unless OMP_NUM_THREADS says otherwise (parallel slow runs use one thread each: two
+# 2-thread processes on 2 cores make OpenMP spin-wait, several times slower)
+torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)))
 
 
 @pytest.fixture
