@@ -157,9 +157,13 @@ def test_run_logger_start_at_drops_replayed_epochs_and_final(tmp_path):
         lg.log({"stage": "kmeans", "epoch": e, "loss": 1.0 / (e + 1)})
     lg.log({"stage": "kmeans", "final": True, "mAP": 0.5})
     lg.start_at(2)  # resuming from the checkpoint of epoch 1: epoch 2 will be logged again
-    assert [r.get("epoch") for r in lg.records()] == [0, 1]
+    assert len(lg.records()) == 4, "nothing is dropped before the run logs"
+    lg.log({"stage": "kmeans", "epoch": 2, "loss": 0.3})
+    assert [(r["epoch"], r["loss"]) for r in lg.records()] == [(0, 1.0), (1, 0.5), (2, 0.3)]
     lg.start_at(0)  # a fresh run in the same folder
-    assert lg.records() == [] and not list(tmp_path.glob("*.tmp"))
+    lg.log({"stage": "kmeans", "epoch": 0, "loss": 2.0})
+    assert lg.records() == [{"stage": "kmeans", "epoch": 0, "loss": 2.0}]
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_load_model_file_builds_the_saved_architecture(tmp_path, caplog):

@@ -18,6 +18,7 @@ class RunLogger:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "log.jsonl"
+        self._start: int | None = None
         self._tb = None
         if tensorboard:
             try:
@@ -35,14 +36,21 @@ class RunLogger:
             return [json.loads(line) for line in f if line.strip()]
 
     def start_at(self, epoch: int) -> None:
-        """Forget the records of ``epoch`` on (and any final record) before a run (re)starts there.
+        """The run (re)starts at ``epoch``: when it logs its first record, the records of ``epoch``
+        on (and any final record) are dropped first.
 
         A resumed run replays the epochs after its checkpoint; without this, an epoch logged before
-        a crash whose checkpoint was lost (the ``prev.pt`` fallback) would appear twice. The file is
-        rewritten atomically, so a crash here keeps the old log whole.
+        a crash whose checkpoint was lost (the ``prev.pt`` fallback) would appear twice, and a new
+        run in an old folder would mix with the old log. Nothing is dropped before the run has an
+        epoch to log (a run that fails first leaves the log as it was), and the file is rewritten
+        atomically.
         """
-        kept = [r for r in self.records() if not r.get("final") and r.get("epoch", -1) < epoch]
-        if not self.path.exists() or len(kept) == len(self.records()):
+        self._start = epoch
+
+    def _drop_from(self, epoch: int) -> None:
+        recs = self.records()
+        kept = [r for r in recs if not r.get("final") and r.get("epoch", -1) < epoch]
+        if len(kept) == len(recs):
             return
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "w") as f:
@@ -53,6 +61,9 @@ class RunLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append ``record`` (flushed at once), mirror scalars to TensorBoard, redraw the plot."""
+        if self._start is not None:
+            self._drop_from(self._start)
+            self._start = None
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
             f.flush()
