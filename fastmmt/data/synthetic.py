@@ -48,7 +48,7 @@ STYLES = {
     "source": DomainStyle(),
     # The target films one site with every camera (shared_scene), at half resolution, through a
     # different camera response (hue, saturation, gamma, cast), with more noise and stronger JPEG;
-    # its cameras differ from each other half as much as the source's (camera_cast, brightness).
+    # its cameras differ from each other 70% as much as the source's (camera_cast, brightness).
     # Camera-specific backgrounds or colour casts (the first design) made the source model's
     # features group target images by camera, and the pseudo-labels could not recover from that:
     # bench/RESULTS.md ("The synthetic demo") has the measurements.
