@@ -1,9 +1,9 @@
 """Choose the input pipeline: DALI wherever it imports, the torch reference otherwise.
 
-``backend="auto"`` picks ``"dali"`` when NVIDIA DALI is importable, else ``"torch"``;
-``"dali"`` and ``"torch"`` force one. Both training loaders share one interface
-(``epoch(epoch, iters)``, ``set_labels``, :class:`~fastmmt.data.TrainBatch`), and both test
-loaders yield ``(images, pids, camids, indices)`` in record order, so callers never branch.
+``backend="auto"`` picks ``"dali"`` when NVIDIA DALI is importable, else ``"torch"``, in a
+single process and under torchrun alike; ``"dali"`` and ``"torch"`` force one. Both training
+loaders share one interface (``epoch(epoch, iters)``, ``set_labels``,
+:class:`~fastmmt.data.TrainBatch`) and one batch plan and augmentation, and both test loaders yield ``(images, pids, camids, indices)`` in record order, so callers never branch.
 Keyword options only the DALI loaders know (``on_error``, ``device``, ``channels_last``,
 ``cache``, ``prefetch``, ...) go in ``dali_options`` and are rejected with the torch backend.
 """
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fastmmt.data import loaders as torch_loaders
+from fastmmt.data.augment import AugmentSpec
 from fastmmt.data.records import ImageRecord
 
 BACKENDS = ("auto", "dali", "torch")
@@ -51,32 +52,32 @@ def _torch_only(dali_options: dict[str, Any]) -> None:
 def build_train_loader(records: Sequence[ImageRecord], labels: np.ndarray, height: int, width: int,
                        batch_size: int = 64, num_instances: int = 4, num_views: int = 1,
                        workers: int = 2, seed: int = 0, erase: bool = True, backend: str = "auto",
-                       rank: int = 0, world_size: int = 1, **dali_options: Any):
+                       rank: int = 0, world_size: int = 1, local_rank: int | None = None,
+                       augment: AugmentSpec | None = None, **dali_options: Any):
     """A P x K training loader (:class:`DaliTrainLoader` or :class:`TorchTrainLoader`).
 
     ``rank``/``world_size``: the loader yields this rank's share of each global ``batch_size``
-    batch (torch backend only: ``auto`` picks torch when ``world_size > 1``).
+    batch (both backends: one :class:`~fastmmt.data.sampler.BatchPlanner` plan). ``local_rank``:
+    the CUDA device a DALI pipeline decodes on (the training device of the rank; the torch loader
+    makes CPU tensors and ignores it). ``augment``: the AugmentSpec (default: the recipe at HxW).
     """
-    args = (records, labels, height, width, batch_size, num_instances, num_views, workers, seed, erase)
-    if world_size > 1:
-        if backend == "dali":
-            raise ValueError("data.backend='dali' does not split P x K batches over ranks yet; use "
-                             "data.backend='torch' (or 'auto') for distributed training")
-        _torch_only(dali_options)
-        return torch_loaders.TorchTrainLoader(*args, rank=rank, world_size=world_size)
+    args = (records, labels, height, width, batch_size, num_instances, num_views, workers, seed, erase,
+            rank, world_size)
     if resolve_data_backend(backend) == "dali":
         from fastmmt.data.dali import DaliTrainLoader
-        return DaliTrainLoader(*args, **dali_options)
+        return DaliTrainLoader(*args, augment=augment, device_id=local_rank, **dali_options)
     _torch_only(dali_options)
-    return torch_loaders.TorchTrainLoader(*args)
+    return torch_loaders.TorchTrainLoader(*args, augment=augment)
 
 
 def build_test_loader(records: Sequence[ImageRecord], height: int, width: int, batch_size: int = 128,
-                      workers: int = 2, backend: str = "auto", **dali_options: Any) -> Iterable:
+                      workers: int = 2, backend: str = "auto", local_rank: int | None = None,
+                      **dali_options: Any) -> Iterable:
     """An ordered extraction loader yielding ``(images, pids, camids, indices)`` batches, the
-    last partial batch included."""
+    last partial batch included. ``local_rank``: the CUDA device a DALI pipeline decodes on
+    (ignored by the torch loader)."""
     if resolve_data_backend(backend) == "dali":
         from fastmmt.data.dali import DaliTestLoader
-        return DaliTestLoader(records, height, width, batch_size, workers, **dali_options)
+        return DaliTestLoader(records, height, width, batch_size, workers, device_id=local_rank, **dali_options)
     _torch_only(dali_options)
     return torch_loaders.build_torch_test_loader(records, height, width, batch_size, workers)
