@@ -33,7 +33,16 @@ from fastmmt.ops import (
 )
 from fastmmt.train import distributed as ddp
 from fastmmt.train.checkpoint import atomic_save, read_resume_checkpoint, save_checkpoint
-from fastmmt.train.common import adam, check_policy, evaluate, extract, step_is_finite, to_device
+from fastmmt.train.common import (
+    adam,
+    check_policy,
+    data_device_id,
+    evaluate,
+    extract,
+    step_is_finite,
+    to_device,
+    train_augment,
+)
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.options import ADAPT_METHODS, AdaptOptions, DataOptions, ExperimentOptions
 from fastmmt.train.pretrain import StageResult, load_model_file, model_file
@@ -204,7 +213,8 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
             loader = build_train_loader(records, labels, d.height, d.width, batch_size=d.batch_size,
                                         num_instances=d.num_instances, num_views=2 if mmt else 1,
                                         workers=d.workers, seed=r.seed, erase=a.erase, backend=d.backend,
-                                        rank=ctx.rank, world_size=ctx.world_size)
+                                        rank=ctx.rank, world_size=ctx.world_size,
+                                        local_rank=data_device_id(ctx), augment=train_augment(d))
         else:
             loader.set_labels(labels)
         # 5. train

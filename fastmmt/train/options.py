@@ -20,6 +20,7 @@ class DataOptions:
     workers: int = 2
     test_batch_size: int = 128
     backend: str = "auto"             # auto | dali | torch
+    augment: bool = True              # false: no flip, crop or erasing (checks, ablations)
 
 
 @dataclass

@@ -17,7 +17,16 @@ from fastmmt.data.factory import build_train_loader
 from fastmmt.ops import cross_entropy_label_smooth, softmax_triplet_loss
 from fastmmt.train import distributed as ddp
 from fastmmt.train.checkpoint import atomic_save, read_resume_checkpoint, save_checkpoint
-from fastmmt.train.common import adam, check_policy, evaluate, make_model, step_is_finite, to_device
+from fastmmt.train.common import (
+    adam,
+    check_policy,
+    data_device_id,
+    evaluate,
+    make_model,
+    step_is_finite,
+    to_device,
+    train_augment,
+)
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.options import ExperimentOptions
 from fastmmt.train.runtime import (
@@ -79,7 +88,8 @@ def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOp
     ddp.broadcast_state([model], ctx)
     net = ddp.wrap_ddp(model, ctx)
 
-    shard = dict(rank=ctx.rank, world_size=ctx.world_size)
+    shard = dict(rank=ctx.rank, world_size=ctx.world_size, local_rank=data_device_id(ctx),
+                 augment=train_augment(d))
     src = build_train_loader(source.train, np.array([x.pid for x in source.train]), d.height, d.width,
                              batch_size=d.batch_size, num_instances=d.num_instances, num_views=1,
                              workers=d.workers, seed=seed, erase=p.erase, backend=d.backend, **shard)
