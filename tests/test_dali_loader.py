@@ -250,3 +250,11 @@ def test_factory_backends(dataset):
     counts = Counter(int(i) for b in build_train_loader(dataset, labels, H, W, batch_size=8).epoch(0, 3)
                      for i in b.labels)
     assert all(c % 4 == 0 for c in counts.values())
+    # distributed: auto still picks DALI, and each rank's pipeline reads only its share
+    shares = [build_train_loader(dataset, labels, H, W, batch_size=16, seed=2, rank=r, world_size=2,
+                                 local_rank=r) for r in range(2)]
+    assert all(isinstance(s, DaliTrainLoader) and s.torch_device.type == "cpu" for s in shares)
+    full = build_train_loader(dataset, labels, H, W, batch_size=16, seed=2, workers=0, backend="torch")
+    for b, *parts in zip(full.epoch(1, 3), *(s.epoch(1, 3) for s in shares), strict=True):
+        assert [len(p.indices) for p in parts] == [8, 8]
+        assert torch.equal(torch.cat([p.indices for p in parts]), b.indices)

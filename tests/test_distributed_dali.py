@@ -11,8 +11,9 @@ same arithmetic: their inputs are then the same bits, and so must be everything 
   from the same per-image seeds, so "the same distribution of view parameters" holds in its
   strongest form: the same parameters.
 - Two torchrun processes (``--nnodes 2 --nproc-per-node 1`` with c10d rendezvous on
-  127.0.0.1), as a two-node job starts: the adaptation runs to the end, both nodes hold the same
-  pseudo-labels and weights, equal to the single-node 2-rank run.
+  127.0.0.1), as a two-node job starts, with ``data.backend: auto``: DALI is picked, the
+  adaptation runs to the end, both nodes hold the same pseudo-labels and weights, equal to the
+  single-node 2-rank run.
 """
 from __future__ import annotations
 
@@ -204,11 +205,13 @@ def test_two_nodes_with_c10d_rendezvous(single_node, setup, tmp_path):
     launch = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "fastmmt-test", "--local-addr", "127.0.0.1"]
     # each "node" starts from its own working directory, as on separate machines
-    nodes = [_run(*launch, setup=setup, out=out, runs="dali:1", cwd=tmp_path) for _ in range(2)]
+    nodes = [_run(*launch, setup=setup, out=out, runs="auto:1", cwd=tmp_path) for _ in range(2)]
     _wait(nodes)
-    n0, n1 = _trace(out, "dali:1", 0), _trace(out, "dali:1", 1)
+    n0, n1 = _trace(out, "auto:1", 0), _trace(out, "auto:1", 1)
+    # data.backend auto picks DALI under torchrun, for training and for extraction
     assert set(n0["train_loaders"]) == set(n1["train_loaders"]) == {"DaliTrainLoader"}
-    assert (out / "dali_1" / "model.pt").is_file()  # the run went to the end
+    assert set(n0["test_loaders"]) == set(n1["test_loaders"]) == {"DaliTestLoader"}
+    assert (out / "auto_1" / "model.pt").is_file()  # the run went to the end
     for e, (a, b) in enumerate(zip(n0["states"], n1["states"], strict=True)):
         _assert_same_state(a, b, f"node 0 vs node 1, epoch {e}")
     # and the 2-node job computes what the single-node 2-rank job does
