@@ -111,7 +111,7 @@ def _triplet_fwd(x_ptr, t_ptr, lab_ptr, loss_ptr, ap_ptr, an_ptr, aux_ptr, N, D,
         idx_n = tl.where(upd, targ, idx_n)
     has_neg = best_n < float("inf")
     d_an = tl.where(has_neg, best_n, best_p)  # finite placeholder; the row's terms are masked
-    z = best_p - d_an
+    z = tl.where(rmask, best_p - d_an, 0.0)  # padding rows have no positive (-inf): keep them finite
     sig = _sigmoid(z)
     if HINGE:  # margin ranking of (d_an, d_ap); derivative 1 where z + margin >= 0, as torch's clamp_min
         hard = tl.where(has_neg, tl.maximum(z + hinge_margin, 0.0), 0.0)
