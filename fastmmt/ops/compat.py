@@ -31,7 +31,7 @@ its own graph: backward on one loss never frees what another needs.
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +50,20 @@ def _triton():
 
 
 # ---- shared batch-hard mining (torch backend) ---------------------------------------------------
+class _Mined(NamedTuple):
+    """A batch-hard mining and the mined distances' values (no gradient)."""
+
+    mining: ref.Mining
+    d_ap: torch.Tensor
+    d_an: torch.Tensor
+
+
 class _MiningCache:
     """The minings of the last few (features, labels) tensor pairs, matched by object identity."""
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
-        self._entries: list[tuple[tuple, weakref.ref, weakref.ref, ref.Mining]] = []
+        self._entries: list[tuple[tuple, weakref.ref, weakref.ref, _Mined]] = []
 
     @staticmethod
     def _state(x: torch.Tensor, labels: torch.Tensor, normalize: bool) -> tuple:
@@ -63,7 +71,7 @@ class _MiningCache:
                 labels.shape, normalize)
 
     def mining(self, x: torch.Tensor, labels: torch.Tensor, normalize: bool,
-               mine: Callable[[], ref.Mining]) -> ref.Mining:
+               mine: Callable[[], _Mined]) -> _Mined:
         """The cached mining of (``x``, ``labels``, ``normalize``), else ``mine()`` (then cached)."""
         if x.is_inference() or labels.is_inference():  # no version counter: cannot prove unchanged
             return mine()
@@ -89,16 +97,48 @@ def clear_mining_cache() -> None:
     _MINING_CACHE.clear()
 
 
-def _mine(x: torch.Tensor, labels: torch.Tensor) -> ref.Mining:
+def _mine(x: torch.Tensor, labels: torch.Tensor) -> _Mined:
     with torch.no_grad():
-        return ref.batch_hard_mining(ref.pairwise_euclidean(x.detach()), labels)
+        dist = ref.pairwise_euclidean(x.detach())
+        m = ref.batch_hard_mining(dist, labels)
+        return _Mined(m, dist.gather(1, m.ap_idx[:, None])[:, 0], dist.gather(1, m.an_idx[:, None])[:, 0])
+
+
+class _MinedDistances(torch.autograd.Function):
+    """(d_ap, d_an) with the values mining already computed and the gradient of the spec's distance:
+    ``d(d_ik)/dx_i = (x_i - x_k) / d_ik = -d(d_ik)/dx_k``, 0 on the diagonal and where the clamp is
+    active. The backward is ``dL/dx_i = sum_k W_ik (x_i - x_k)`` with ``W = C + C^T``, C holding the
+    2 mined pairs' coefficients per row: one (N x N) @ (N x D) product, the cost of one matrix
+    product instead of the three of back-propagating through a distance matrix."""
+
+    @staticmethod
+    def forward(ctx, x, d_ap, d_an, ap, an):
+        ctx.save_for_backward(x, d_ap, d_an, ap, an)
+        return d_ap.clone(), d_an.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_ap, g_an):
+        x, d_ap, d_an, ap, an = ctx.saved_tensors
+        xs = x.to(d_ap.dtype)
+        n = x.shape[0]
+        rows = torch.arange(n, device=x.device)
+        floor = torch.tensor(ref.EPS_SQ, dtype=d_ap.dtype).sqrt()
+        coef = torch.zeros((n, n), dtype=d_ap.dtype, device=x.device)
+        for g, d, idx in ((g_ap, d_ap, ap), (g_an, d_an, an)):
+            live = (d > floor) & (idx != rows)  # the clamp's and the diagonal's gradient is 0
+            coef.index_put_((rows, idx), torch.where(live, g / d, torch.zeros_like(d)), accumulate=True)
+        w = coef + coef.t()
+        grad = w.sum(1, keepdim=True) * xs - w @ xs
+        return grad.to(x.dtype), None, None, None, None
 
 
 def _mined_distances(emb: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, normalize: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, ref.Mining]:
     """(d_ap, d_an, mining) of the (possibly normalised) features ``x`` of the caller's ``emb``."""
-    m = _MINING_CACHE.mining(emb, labels, normalize, lambda: _mine(x, labels))
-    d_ap, d_an = ref.mined_pair_distances(x, m)
+    mined = _MINING_CACHE.mining(emb, labels, normalize, lambda: _mine(x, labels))
+    m = mined.mining
+    d_ap, d_an = _MinedDistances.apply(x, mined.d_ap, mined.d_an, m.ap_idx, m.an_idx)
     return d_ap, d_an, m
 
 

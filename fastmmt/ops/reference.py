@@ -120,8 +120,9 @@ def mined_pair_distances(x: torch.Tensor, m: Mining) -> tuple[torch.Tensor, torc
     t = x.to(_compute_dtype(x))
     rows = torch.arange(t.shape[0], device=t.device)
     sq = t.pow(2).sum(1)
-    d_ap = _pair_distance(t, t[m.ap_idx], sq, sq[m.ap_idx], m.ap_idx == rows)
-    d_an = _pair_distance(t, t[m.an_idx], sq, sq[m.an_idx], m.an_idx == rows)
+    # index_select copies whole rows (advanced indexing gathers element by element on CPU)
+    d_ap = _pair_distance(t, t.index_select(0, m.ap_idx), sq, sq[m.ap_idx], m.ap_idx == rows)
+    d_an = _pair_distance(t, t.index_select(0, m.an_idx), sq, sq[m.an_idx], m.an_idx == rows)
     return d_ap, d_an
 
 
