@@ -372,6 +372,8 @@ def test_bad_input_gets_clear_errors(backend):
         compat.SoftTripletLoss(backend=backend)(x, torch.randn(8, 4), lab)
     with pytest.raises(ValueError, match="2-D"):
         compat.SoftTripletLoss(0.0, backend=backend)(x.view(-1), x, lab)
+    with pytest.raises(ValueError, match=r"targets must have shape \(8,\)"):
+        compat.CrossEntropyLabelSmooth(5, backend=backend)(x, lab[:5])
     with pytest.raises(ValueError, match=r"targets has shape"):
         compat.SoftEntropy(backend=backend)(x, x[:, :4])
     with pytest.raises(ValueError, match="margin"):

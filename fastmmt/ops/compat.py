@@ -8,8 +8,9 @@ them) switches by changing one import line::
 Each class takes one extra keyword, ``backend`` (``"auto"`` | ``"torch"`` | ``"triton"``, see
 :mod:`fastmmt.ops`). The Triton backend runs each triplet call as one fused kernel (margins and the
 ``prec`` ranking fraction computed in the same pass, features L2-normalised just before it); the
-torch backend mines on a distance matrix computed without gradient, then differentiates only the
-2 mined distances per row, and shares that mining between calls on the same batch (below).
+torch backend mines on a distance matrix computed without gradient, back-propagates only the 2
+mined distances per row (one (N x N) @ (N x D) product) and shares that mining between calls on
+the same batch (below).
 Neither backend moves tensors between devices or reads a value on the host: ``prec`` is a tensor.
 
 Conventions where fastmmt is stricter than the official code (docs/fused_ops.md, "Switching
@@ -160,11 +161,11 @@ def _check_features(name: str, emb: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a non-empty 2-D (batch x dim) tensor, got shape {tuple(emb.shape)}")
 
 
-def _check_batch_labels(label: torch.Tensor, n: int) -> None:
+def _check_batch_labels(label: torch.Tensor, n: int, name: str = "label") -> None:
     if not isinstance(label, torch.Tensor):
-        raise TypeError(f"label must be a torch.Tensor, got {type(label).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(label).__name__}")
     if label.dim() != 1 or label.shape[0] != n:
-        raise ValueError(f"label must have shape ({n},) to match {n} feature rows, got {tuple(label.shape)}")
+        raise ValueError(f"{name} must have shape ({n},) to match {n} input rows, got {tuple(label.shape)}")
 
 
 def _normalized(emb: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -189,7 +190,7 @@ class CrossEntropyLabelSmooth(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         _check_features("inputs", inputs)
-        _check_batch_labels(targets, inputs.shape[0])
+        _check_batch_labels(targets, inputs.shape[0], "targets")
         if resolve_backend(self.backend, inputs) == "triton":
             return _triton().cross_entropy_label_smooth(inputs, targets, self.epsilon, self.num_classes,
                                                         check_range=False)
