@@ -255,6 +255,35 @@ def test_a_couple_of_multi_block_shapes(backend, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_features(backend, dtype, gen):
+    """Half inputs are computed in float32: losses as for float32, gradients rounded to the dtype."""
+    n, d = 21, 33
+    labels = make_labels(n, "ids", gen)
+    for _ in range(50):
+        emb1 = make_features(n, d, labels, gen).to(dtype)
+        if _clear_margins(emb1.double(), labels):
+            break
+    emb2 = torch.randn(n, d, generator=gen).abs().to(dtype)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for margin in (0.3, None):
+        x = emb1.clone().requires_grad_()
+        loss = compat.SoftTripletLoss(margin, backend=backend)(x, emb2, labels)
+        tri, prec = compat.TripletLoss(0.3, backend=backend)(x, labels)
+        (loss + tri).backward()
+        assert x.grad.dtype == dtype
+        x64 = emb1.double().requires_grad_()
+        want = ref_soft_triplet(x64, emb2.double(), labels, margin, False)
+        want_tri, want_prec = ref_triplet(x64, labels, 0.3, False)
+        (want + want_tri).backward()
+        _loss_close(loss, want)
+        _loss_close(tri, want_tri)
+        assert prec.item() == pytest.approx(want_prec.item(), abs=1e-6)
+        scale = x64.grad.abs().max().item()
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_go_to_the_lowest_index(backend, gen):
     """Small-integer features: every distance is exact in float32 and float64, so ties are exact and
     the gradient (which lands on the mined rows) shows which of the tied columns was taken."""
