@@ -102,4 +102,6 @@ def test_mmt_kernels_compile_for_sm90():
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm90_in_every_dtype():
     sizes = _compile_for_sm90(("float32", "bfloat16", "float16"), None)
-    assert len(sizes) == 3 * 17 and all(size > 0 for size in sizes.values())
+    # per dtype: triplet_fwd x 3 (teacher; no teacher; hinge), triplet_bwd, pairwise fwd/bwd x 2 (self or
+    # not), logits fwd/bwd x 4 (teacher, labels): 16 (the count was 17 for the 15 kernels before the hinge)
+    assert len(sizes) == 3 * 16 and all(size > 0 for size in sizes.values())
