@@ -1,4 +1,7 @@
-"""DALI loaders: P x K batches, labels, epochs, errors, and the backend factory (CPU DALI)."""
+"""DALI loaders: P x K batches, labels, epochs, errors, and the backend factory.
+
+The loaders' default device is used: DALI's GPU graph on a CUDA machine, its CPU graph here.
+"""
 from __future__ import annotations
 
 import io
@@ -14,6 +17,7 @@ from fastmmt.data.dali import DaliTestLoader, DaliTrainLoader
 from fastmmt.data.factory import build_test_loader, build_train_loader, resolve_data_backend
 
 H, W = 32, 16
+OUT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the default loaders put images
 
 
 def jpeg_bytes(seed: int) -> bytes:
@@ -63,7 +67,7 @@ def test_batches_are_pk_with_right_labels_and_match_torch_plan(dataset):
     for g, w in zip(got, want):
         check_pk(g, labels, dataset, 4, 4)
         assert torch.equal(g.indices, w.indices)  # same sampler, same batch plan
-        assert g.views[0].dtype == torch.float32 and g.views[0].device.type == "cpu"
+        assert g.views[0].dtype == torch.float32 and g.views[0].device.type == OUT_DEVICE
         assert not torch.equal(g.views[0], g.views[1])  # two independent augmentations
 
 
@@ -198,6 +202,7 @@ def test_factory_backends(dataset):
     d = build_test_loader(dataset, H, W, batch_size=16, backend="dali")
     t = build_test_loader(dataset, H, W, batch_size=16, workers=0, backend="torch")
     for (xd, pd, cd, id_), (xt, pt, ct, it) in zip(d, t, strict=True):
+        xd, pd, cd, id_ = xd.cpu(), pd.cpu(), cd.cpu(), id_.cpu()  # DALI's GPU graph on a CUDA machine
         assert torch.equal(id_, it) and torch.equal(pd, pt) and torch.equal(cd, ct)
         assert (xd - xt).abs().max() <= 0.105  # resize kernels differ (see test_dali_pipeline)
     counts = Counter(int(i) for b in build_train_loader(dataset, labels, H, W, batch_size=8).epoch(0, 3)

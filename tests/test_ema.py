@@ -27,10 +27,10 @@ def _C():
     return ext
 
 
-def _pairs(shapes, dtype, seed=0):
+def _pairs(shapes, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    teacher = [torch.randn(s, generator=g).to(dtype) for s in shapes]
-    student = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    teacher = [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
+    student = [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
     return teacher, student
 
 
@@ -66,21 +66,29 @@ def test_extension_built_and_auto_picks_it():
     assert ext.num_threads() == torch.get_num_threads()
 
 
+@pytest.mark.gpu
+def test_cuda_extension_built_and_auto_picks_it(device):
+    """On a CUDA machine the extension must have been built with its CUDA kernel."""
+    assert _C().has_cuda(), "fastmmt._C was built without CUDA (see the build log's skip line)"
+    t, s = _pairs([(5,), (64, 3, 7, 7)], torch.float32, device=device)
+    assert ema_update_(t, s, 0.5) == "ext"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_float64_reference(backend, dtype):
+def test_matches_float64_reference(backend, dtype, device):
     alpha = 0.73
-    teacher, student = _pairs(ODD_SHAPES, dtype)
+    teacher, student = _pairs(ODD_SHAPES, dtype, device=device)
     t0 = [t.clone() for t in teacher]
     assert ema_update_(teacher, student, alpha, backend=backend) == backend
     for out, a, b in zip(teacher, t0, student):
-        _assert_close(out, a, b, alpha, dtype, backend)
+        _assert_close(out.cpu(), a.cpu(), b.cpu(), alpha, dtype, backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ext_is_fp32_arithmetic_rounded_once(dtype):
+def test_ext_is_fp32_arithmetic_rounded_once(dtype, device):
     alpha = 0.999
-    teacher, student = _pairs(ODD_SHAPES, dtype, seed=1)
+    teacher, student = _pairs(ODD_SHAPES, dtype, seed=1, device=device)
     a32 = torch.tensor(alpha, dtype=torch.float32)
     b32 = torch.tensor(1.0 - alpha, dtype=torch.float32)
     expect = [(a32 * t.float() + b32 * s.float()).to(dtype) for t, s in zip(teacher, student)]
@@ -103,8 +111,8 @@ def test_many_tensors_split_across_threads():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_alpha_edges(backend, dtype):
-    teacher, student = _pairs([(1023,), (17, 3)], dtype, seed=4)
+def test_alpha_edges(backend, dtype, device):
+    teacher, student = _pairs([(1023,), (17, 3)], dtype, seed=4, device=device)
     t0 = [t.clone() for t in teacher]
     ema_update_(teacher, student, 1.0, backend=backend)  # alpha 1: teacher unchanged
     assert all(torch.equal(t, a) for t, a in zip(teacher, t0))
