@@ -208,3 +208,45 @@ def test_factory_backends(dataset):
     counts = Counter(int(i) for b in build_train_loader(dataset, labels, H, W, batch_size=8).epoch(0, 3)
                      for i in b.labels)
     assert all(c % 4 == 0 for c in counts.values())
+
+
+def test_gpu_copies_run_on_torchs_current_stream(monkeypatch):
+    """DALI -> torch copies are issued on torch.cuda.current_stream() of the destination (as
+    DALI's own iterator does), not on a DALI-internal stream racing torch's allocator."""
+    from nvidia.dali import tensors as dali_tensors
+    from nvidia.dali.plugin import pytorch as dali_torch
+
+    from fastmmt.data import dali as dali_mod
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("current", device))
+    assert dali_mod._copy_stream(torch.device("cuda", 1)) == ("current", torch.device("cuda", 1))
+    assert dali_mod._copy_stream(torch.device("cpu")) is None
+
+    seen = []
+    real_feed = dali_torch.feed_ndarray
+
+    def feed(dali_tensor, arr, cuda_stream=None):
+        seen.append(cuda_stream)
+        return real_feed(dali_tensor, arr)
+
+    monkeypatch.setattr(dali_torch, "feed_ndarray", feed)
+    monkeypatch.setattr(dali_mod, "_copy_stream", lambda device: ("stream for", device))
+    arr = np.arange(2 * 4 * 3 * 3, dtype=np.float32).reshape(2, 4, 3, 3)
+    out = dali_mod._to_torch(dali_tensors.TensorListCPU(arr), torch.device("cpu"), channels_last=True)
+    assert seen == [("stream for", torch.device("cpu"))]
+    assert torch.equal(out, torch.from_numpy(arr).permute(0, 3, 1, 2))
+
+
+@pytest.mark.gpu
+def test_gpu_loader_batches_on_a_side_stream_match_default_stream(dataset):
+    """Consumed on a non-default torch stream without any synchronize: the same values."""
+    labels = pids_of(dataset)
+    want = [b.views[0].cpu() for b in DaliTrainLoader(dataset, labels, H, W, batch_size=8, seed=3,
+                                                      device="gpu").epoch(0, 3)]
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        got = [(b.views[0] * 1.0) for b in DaliTrainLoader(dataset, labels, H, W, batch_size=8, seed=3,
+                                                           device="gpu").epoch(0, 3)]
+        got = [g.to("cpu", non_blocking=False) for g in got]
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
