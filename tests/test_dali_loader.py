@@ -250,3 +250,66 @@ def test_gpu_loader_batches_on_a_side_stream_match_default_stream(dataset):
         got = [g.to("cpu", non_blocking=False) for g in got]
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+@pytest.fixture
+def fresh_probe():
+    """The probe and its warning are cached per process: start and end each test uncached."""
+    from fastmmt.data import factory
+
+    factory.dali_gpu_probe.cache_clear()
+    factory._warn_gpu_fallback.cache_clear()
+    yield factory
+    factory.dali_gpu_probe.cache_clear()
+    factory._warn_gpu_fallback.cache_clear()
+
+
+def test_auto_falls_back_to_torch_when_the_gpu_probe_fails(monkeypatch, fresh_probe, dataset):
+    """A CUDA machine whose driver is too old for DALI: auto warns once, naming why, and uses torch."""
+    factory = fresh_probe
+    runs = []
+
+    def failing_probe():
+        runs.append(1)
+        raise RuntimeError("nvJPEG: CUDA driver version is insufficient for CUDA runtime version\nmore")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(factory, "_run_gpu_probe", failing_probe)
+    with pytest.warns(RuntimeWarning, match=r"GPU pipeline cannot run.*RuntimeError: nvJPEG: CUDA driver "
+                                            r"version is insufficient.*torch loader") as rec:
+        assert resolve_data_backend("auto") == "torch"
+    assert len(rec) == 1 and "more" not in str(rec[0].message)  # first line of the reason only
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second probe
+        assert resolve_data_backend("auto") == "torch"
+        labels = pids_of(dataset)
+        loader = build_train_loader(dataset, labels, H, W, batch_size=8, workers=0)
+        assert isinstance(loader, TorchTrainLoader)
+        assert resolve_data_backend("auto", device="cpu") == "dali"  # CPU DALI needs no probe
+        assert resolve_data_backend("torch") == "torch"
+    assert runs == [1]
+
+
+def test_auto_keeps_dali_when_the_gpu_probe_runs(monkeypatch, fresh_probe):
+    factory = fresh_probe
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(factory, "_run_gpu_probe", lambda: None)
+    assert resolve_data_backend("auto") == "dali"
+    assert factory.dali_gpu_probe() is None
+
+
+def test_real_gpu_probe_reports_why_it_cannot_run(fresh_probe):
+    """The probe builds the real GPU test graph; without CUDA that fails with a named reason."""
+    factory = fresh_probe
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: test_gpu_probe_runs covers it")
+    assert factory.dali_gpu_probe() == "ValueError: device='gpu' requested but CUDA is not available"
+    assert resolve_data_backend("auto") == "dali"  # no CUDA: the loaders run DALI on the CPU
+
+
+@pytest.mark.gpu
+def test_gpu_probe_runs(fresh_probe):
+    """On a CUDA machine with a driver DALI supports, the tiny GPU pipeline runs."""
+    assert fresh_probe.dali_gpu_probe() is None
+    assert resolve_data_backend("auto") == "dali"
