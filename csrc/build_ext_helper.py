@@ -116,15 +116,16 @@ def _cuda_extension():
     import torch
     from torch.utils.cpp_extension import CUDAExtension
 
+
+    ext = CUDAExtension(NAME, CPU_SOURCES + CUDA_SOURCES, define_macros=[CUDA_MACRO],
+                        extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)},
+                        extra_link_args=_link_flags())
     archs = cuda_arch_list(torch.cuda.is_available())
     if archs is not None and not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
         _say(f"no GPU visible at build time: compiling the CUDA path for {archs} "
              "(set TORCH_CUDA_ARCH_LIST to choose)")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by torch's BuildExtension
-
-    return CUDAExtension(NAME, CPU_SOURCES + CUDA_SOURCES, define_macros=[CUDA_MACRO],
-                         extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)},
-                         extra_link_args=_link_flags())
+    return ext
 
 
 def _to_cpu(ext) -> None:
@@ -197,7 +198,7 @@ def extension_kwargs() -> dict:
         try:
             ext = _cuda_extension()
         except Exception as err:  # e.g. CUDA_HOME unknown with a CPU-only torch
-            _warn(f"cannot configure the CUDA build ({err}); building the CPU path only")
+            _say(f"building the CPU path only, CUDA skipped: cannot configure the CUDA build ({err})")
     if ext is None:
         ext = _cpu_extension()
     return {"ext_modules": [ext], "cmdclass": {"build_ext": _make_build_ext()}}

@@ -107,11 +107,15 @@ def test_has_cuda_tells_what_was_built():
 
 @pytest.mark.slow
 def test_forced_cuda_build_with_cpu_torch_falls_back_to_the_cpu_extension(tmp_path):
-    """A real build (a minute or two): FASTMMT_CUDA=1 with this CPU torch makes torch's CUDA
-    check fail; the CPU extension is built anyway, and reports has_cuda() False."""
-    if torch.version.cuda is not None:
-        pytest.skip("needs a CPU-only torch to make the CUDA configuration fail")
-    env = {**os.environ, "FASTMMT_CUDA": "1", "MAX_JOBS": "1"}
+    """A real build (a minute or two): FASTMMT_CUDA=1 with this CPU torch (and nvcc's toolkit as
+    CUDA_HOME) makes the CUDA build fail; the CPU extension is built anyway, saying why, and
+    reports has_cuda() False."""
+    if torch.version.cuda is not None or shutil.which("nvcc") is None:
+        pytest.skip("needs a CPU-only torch and an nvcc to make the CUDA build fail")
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    if not Path(home, "bin", "nvcc").exists():
+        pytest.skip(f"no CUDA toolkit at {home} (set CUDA_HOME)")
+    env = {**os.environ, "FASTMMT_CUDA": "1", "MAX_JOBS": "1", "CUDA_HOME": home}
     proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
                            "--build-temp", str(tmp_path / "tmp")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1200)
