@@ -8,6 +8,10 @@ largest reference entry: fp32 ``tol.grad`` (conftest), fp16 2e-3, bf16 1.6e-2.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -130,3 +134,88 @@ def test_cuda_block_sizes_under_the_interpreter(gen, monkeypatch, device, tol):
     monkeypatch.setattr(distance, "INTERPRETER_BLOCKS", distance.CUDA_BLOCKS)
     _check(torch.randn(70, 40, generator=gen), None, gen, device, tol.grad)
     _check(torch.randn(70, 40, generator=gen), torch.randn(65, 40, generator=gen), gen, device, tol.grad)
+
+
+_OFFSETS_SCRIPT = r"""
+import os, sys, tempfile, torch
+from fastmmt.kernels import distance
+from fastmmt.ops import reference as ref
+S, N, D = 2**30 + 1, 3, 5  # row 2 starts 2^31 + 2 elements in: an int32 offset wraps around
+with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "sparse.bin")
+    size = (N - 1) * S + D + N  # room for both views below
+    with open(path, "wb") as f:
+        f.truncate(size * 4)  # a sparse file: 8 GB of address space, three pages touched
+    big = torch.from_file(path, shared=True, size=size, dtype=torch.float32)
+    x = big.as_strided((N, D), (S, 1))
+    gen = torch.Generator().manual_seed(0)
+    x.copy_(torch.randn(N, D, generator=gen))
+    x64 = x.clone().double().requires_grad_()
+    d64 = ref.pairwise_euclidean(x64)
+    torch.testing.assert_close(distance.pairwise_forward(x, None).double(), d64.detach(), rtol=1e-5, atol=1e-6)
+    # the gradient read through a (N x N) strided view of the same mapping: sg0 = 2^30 + 1
+    g = big.as_strided((N, N), (S, 1), storage_offset=D)
+    g.copy_(torch.randn(N, N, generator=gen))
+    (d64 * g.double()).sum().backward()
+    dist = distance.pairwise_forward(x.clone(), None)
+    got = distance.pairwise_backward(g, dist, x, x, self_matrix=True)
+    torch.testing.assert_close(got.double(), x64.grad, rtol=1e-4, atol=1e-5)
+print("ok")
+"""
+
+
+def test_int64_offsets_past_2_31_with_a_strided_view():
+    """Rows 2^30 + 1 elements apart (a strided view of a sparse file, not an 8 GB allocation):
+    offsets past 2^31 must address the right rows, forward and backward. Run in a subprocess
+    under the interpreter: int32 offsets wrap and the bad read crashes the process."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _OFFSETS_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-3000:])
+
+
+def test_backward_tiles_chosen_by_shared_memory(gen, device, tol, monkeypatch):
+    """sm_86/89 (99 KB per block) get the smaller backward tile, sm_80/90 the large one; the small
+    tile computes the same gradient (under the interpreter on CPU)."""
+    from fastmmt.kernels import distance
+
+    cuda = torch.device("cuda", 0)
+    assert distance.bwd_block_sizes(cuda, limit=101376) == (64, 32, 32)   # sm_86 / sm_89
+    assert distance.bwd_block_sizes(cuda, limit=166912) == (64, 64, 32)   # sm_80
+    assert distance.bwd_block_sizes(cuda, limit=232448) == (64, 64, 32)   # sm_90
+    assert distance.bwd_block_sizes(torch.device("cpu")) == distance.INTERPRETER_BLOCKS
+    if device.type == "cuda":
+        limit = distance.shared_memory_limit(torch.cuda.current_device())
+        assert next(need for b, need in distance.CUDA_BWD_BLOCKS if b == distance.bwd_block_sizes(device)) <= limit
+    monkeypatch.setattr(distance, "bwd_block_sizes", lambda dev, limit=None: (64, 32, 32))
+    _check(torch.randn(70, 40, generator=gen), None, gen, device, tol.grad)
+    _check(torch.randn(70, 40, generator=gen), torch.randn(65, 40, generator=gen), gen, device, tol.grad)
+
+
+_SHARED_SCRIPT = r"""
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastmmt.kernels import distance
+sig = dict(g_ptr="*fp32", d_ptr="*fp32", a_ptr="*fp32", b_ptr="*fp32", out_ptr="*fp32", NA="i32", NB="i32",
+           D="i32", sg0="i32", sg1="i32", sd0="i32", sd1="i32", stride_a="i32", stride_b="i32", stride_o="i32")
+out = []
+for (bm, bn, bd), need in distance.CUDA_BWD_BLOCKS:
+    consts = {"SELF": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}
+    src = ASTSource(fn=distance._pairwise_bwd, signature={**sig, **{k: "constexpr" for k in consts}},
+                    constexprs=consts)
+    out.append([need, triton.compile(src, target=GPUTarget("cuda", 86, 32)).metadata.shared])
+print(json.dumps(out))
+"""
+
+
+def test_backward_tile_shared_memory_figures_match_the_compiler():
+    """The shared memory CUDA_BWD_BLOCKS claims per tile is what Triton compiles for sm_86
+    (float32, the most of any dtype): the tile choice cannot pick one that fails to launch."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _SHARED_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pairs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(0 < compiled <= claimed for claimed, compiled in pairs), pairs
+    assert pairs[-1][1] <= 101376  # the fallback tile fits sm_86/sm_89
