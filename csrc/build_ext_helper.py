@@ -1,15 +1,21 @@
 """Build recipe for the optional extension ``fastmmt._C`` (imported by setup.py).
 
 Always builds the C++ CPU path (``ema.cpp``). Adds the CUDA path (``ema_cuda_binding.cpp`` +
-``ema_kernel.cu``) when torch was built with CUDA and nvcc is found; ``FASTMMT_CUDA=0`` / ``=1``
-forces it off / on. A failing CUDA build falls back to the CPU-only build, and a failing CPU build
-prints a warning: the package then installs without ``fastmmt._C`` and ``fastmmt.ops`` uses
+``ema_kernel.cu``) when torch was built with CUDA and an nvcc of the same CUDA major version is
+found; ``FASTMMT_CUDA=0`` / ``=1`` forces it off / on. When the CUDA path is skipped or its build
+fails, one line says why and the CPU-only extension is built; a failing CPU build prints a
+warning: the package then installs without ``fastmmt._C`` and ``fastmmt.ops`` uses
 ``torch._foreach_lerp_`` (setuptools' ``optional=True`` alone would still fail the install).
+``fastmmt._C.has_cuda()`` tells which was built. Without a GPU visible at build time the CUDA
+path is compiled for ``DEFAULT_CUDA_ARCHS`` (``TORCH_CUDA_ARCH_LIST`` overrides; with a GPU
+visible torch compiles for that GPU).
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 NAME = "fastmmt._C"
@@ -21,14 +27,54 @@ CXX_FLAGS = ["-O3", "-g0", "-fopenmp"]  # -g0: no debug info (Python's CFLAGS ad
 LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3"]
 CUDA_MACRO = ("FASTMMT_WITH_CUDA", "1")
+# Ampere (A100), Ampere consumer (RTX 30xx, A10, A40), Hopper (H100) + PTX that later GPUs JIT.
+DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
 
 
 def _warn(msg: str) -> None:
     print(f"WARNING [fastmmt._C]: {msg}", file=sys.stderr)
 
 
+def _say(msg: str) -> None:
+    print(f"[fastmmt._C] {msg}", file=sys.stderr)
+
+
+def find_nvcc() -> str | None:
+    """nvcc under $CUDA_HOME/$CUDA_PATH (what torch's build uses), else on PATH."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def nvcc_version(nvcc: str) -> str | None:
+    """``"13.0"`` from ``nvcc --version`` ("... release 13.0, V13.0.88"), None if unreadable."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
+def cuda_skip_reason(torch_cuda: str | None, nvcc: str | None, nvcc_ver: str | None) -> str | None:
+    """Why the CUDA path cannot be built (None when it can): torch's CUDA and nvcc must agree on
+    the major version (torch's build refuses a mismatch)."""
+    if torch_cuda is None:
+        return "torch is a CPU-only build"
+    if nvcc is None:
+        return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    if nvcc_ver is None:
+        return f"cannot read the CUDA version of {nvcc}"
+    if torch_cuda.split(".")[0] != nvcc_ver.split(".")[0]:
+        return (f"torch was built with CUDA {torch_cuda} but {nvcc} is CUDA {nvcc_ver} "
+                "(install the toolkit matching torch, or point CUDA_HOME at it)")
+    return None
+
+
 def cuda_wanted() -> bool:
-    """Whether to try the CUDA path: FASTMMT_CUDA=0/1 decides, else torch has CUDA and nvcc exists."""
+    """Whether to try the CUDA path: FASTMMT_CUDA=0/1 decides, else :func:`cuda_skip_reason`
+    (printing one line with the reason when it says no)."""
     env = os.environ.get("FASTMMT_CUDA", "").strip()
     if env not in ("", "0", "1"):
         raise ValueError(f"FASTMMT_CUDA must be 0, 1 or unset, got {env!r}")
@@ -36,10 +82,20 @@ def cuda_wanted() -> bool:
         return env == "1"
     import torch
 
-    nvcc_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    has_nvcc = shutil.which("nvcc") is not None or (
-        nvcc_home is not None and os.path.exists(os.path.join(nvcc_home, "bin", "nvcc")))
-    return torch.version.cuda is not None and has_nvcc
+    nvcc = find_nvcc()
+    reason = cuda_skip_reason(torch.version.cuda, nvcc, nvcc_version(nvcc) if nvcc else None)
+    if reason is not None:
+        _say(f"building the CPU path only, CUDA skipped: {reason}")
+    return reason is None
+
+
+def cuda_arch_list(gpu_visible: bool) -> str | None:
+    """The arch list to compile for: TORCH_CUDA_ARCH_LIST if set; None (torch targets the
+    visible GPUs) when a GPU is visible; else :data:`DEFAULT_CUDA_ARCHS`."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env:
+        return env
+    return None if gpu_visible else DEFAULT_CUDA_ARCHS
 
 
 def _link_flags() -> list[str]:
@@ -57,11 +113,34 @@ def _cpu_extension():
 
 
 def _cuda_extension():
+    import torch
     from torch.utils.cpp_extension import CUDAExtension
 
-    return CUDAExtension(NAME, CPU_SOURCES + CUDA_SOURCES, define_macros=[CUDA_MACRO],
-                         extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)},
-                         extra_link_args=_link_flags())
+
+    ext = CUDAExtension(NAME, CPU_SOURCES + CUDA_SOURCES, define_macros=[CUDA_MACRO],
+                        extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)},
+                        extra_link_args=_link_flags())
+    archs = cuda_arch_list(torch.cuda.is_available())
+    if archs is not None and not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        _say(f"no GPU visible at build time: compiling the CUDA path for {archs} "
+             "(set TORCH_CUDA_ARCH_LIST to choose)")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by torch's BuildExtension
+    return ext
+
+
+def _to_cpu(ext) -> None:
+    """Turn the CUDA extension ``ext`` into the CPU-only one, in place."""
+    cpu = _cpu_extension()
+    # Keep the flags BuildExtension already added (extension name, ABI) in extra_compile_args.
+    ext.sources, ext.define_macros = cpu.sources, cpu.define_macros
+    ext.libraries, ext.library_dirs = cpu.libraries, cpu.library_dirs
+    ext.include_dirs = cpu.include_dirs
+    if isinstance(ext.extra_compile_args, dict):
+        ext.extra_compile_args.pop("nvcc", None)
+
+
+def _is_cuda(ext) -> bool:
+    return CUDA_MACRO in (ext.define_macros or [])
 
 
 def _make_build_ext():
@@ -71,7 +150,20 @@ def _make_build_ext():
         """build_ext that falls back CUDA -> CPU-only -> no extension instead of failing."""
 
         def run(self) -> None:
-            # BuildExtension checks the compiler before any extension is built: failures there too.
+            # BuildExtension checks the compiler and torch's CUDA against nvcc before any
+            # extension is built: a failure there drops the CUDA path, not the extension.
+            try:
+                super().run()
+                return
+            except Exception as err:
+                cuda = [ext for ext in self.extensions if _is_cuda(ext)]
+                if not cuda:
+                    _warn(f"build failed ({err}); installing without the extension "
+                          "(fastmmt.ops falls back to torch._foreach_lerp_)")
+                    return
+                _say(f"building the CPU path only, CUDA skipped: {str(err).strip().splitlines()[0]}")
+                for ext in cuda:
+                    _to_cpu(ext)
             try:
                 super().run()
             except Exception as err:
@@ -83,17 +175,12 @@ def _make_build_ext():
                 super().build_extension(ext)
                 return
             except Exception as err:  # compiler/linker errors come in several exception types
-                if CUDA_MACRO not in (ext.define_macros or []):
+                if not _is_cuda(ext):
                     _warn(f"build failed ({err}); installing without the extension "
                           "(fastmmt.ops falls back to torch._foreach_lerp_)")
                     return
-                _warn(f"CUDA build failed ({err}); retrying the CPU-only build")
-            cpu = _cpu_extension()
-            # Keep the flags BuildExtension already added (extension name, ABI) in extra_compile_args.
-            ext.sources, ext.define_macros = cpu.sources, cpu.define_macros
-            ext.libraries, ext.library_dirs = cpu.libraries, cpu.library_dirs
-            ext.include_dirs = cpu.include_dirs
-            ext.extra_compile_args.pop("nvcc", None)
+                _say(f"building the CPU path only, CUDA build failed: {err}")
+            _to_cpu(ext)
             self.build_extension(ext)
 
     return SafeBuildExt
@@ -111,7 +198,7 @@ def extension_kwargs() -> dict:
         try:
             ext = _cuda_extension()
         except Exception as err:  # e.g. CUDA_HOME unknown with a CPU-only torch
-            _warn(f"cannot configure the CUDA build ({err}); building the CPU path only")
+            _say(f"building the CPU path only, CUDA skipped: cannot configure the CUDA build ({err})")
     if ext is None:
         ext = _cpu_extension()
     return {"ext_modules": [ext], "cmdclass": {"build_ext": _make_build_ext()}}

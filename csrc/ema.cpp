@@ -29,6 +29,16 @@ bool cuda_built() {
 #endif
 }
 
+// The kernels walk numel() elements from data_ptr(): right for any dense, non-overlapping
+// layout (contiguous, channels_last, permuted) as long as teacher and student share it.
+bool same_dense_layout(const at::Tensor& t, const at::Tensor& s) {
+  if (!t.is_non_overlapping_and_dense() || !s.is_non_overlapping_and_dense()) return false;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1 && t.stride(d) != s.stride(d)) return false;  // size-1 dims: any stride
+  }
+  return true;
+}
+
 void validate(const std::vector<at::Tensor>& teacher, const std::vector<at::Tensor>& student,
               double alpha) {
   TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha >= 0.0 && alpha <= 1.0,
@@ -56,9 +66,10 @@ void validate(const std::vector<at::Tensor>& teacher, const std::vector<at::Tens
     TORCH_CHECK_VALUE(t.device() == device && s.device() == device, "ema_update_: tensor ", i,
                       ": teacher on ", t.device(), ", student on ", s.device(),
                       "; all tensors must be on ", device);
-    TORCH_CHECK_VALUE(t.is_contiguous() && s.is_contiguous(), "ema_update_: tensor ", i,
-                      " is not contiguous (teacher contiguous=", t.is_contiguous(),
-                      ", student contiguous=", s.is_contiguous(), ")");
+    TORCH_CHECK_VALUE(same_dense_layout(t, s), "ema_update_: tensor ", i,
+                      " must be dense (no gaps, no overlaps) with the same memory layout in teacher "
+                      "and student (teacher strides ", t.strides(), ", student strides ", s.strides(),
+                      ")");
   }
 }
 
@@ -116,6 +127,10 @@ void ema_update_(const std::vector<at::Tensor>& teacher, const std::vector<at::T
                  double alpha) {
   validate(teacher, student, alpha);
   if (teacher.empty()) return;
+#ifdef FASTMMT_WITH_CUDA
+  // An error left by earlier CUDA work would otherwise surface after the launch as the EMA's.
+  if (teacher.front().is_cuda()) ema_cuda_check_pending();
+#endif
   // Writes through data pointers bypass autograd: bump versions as an in-place op would (before
   // writing, so a tensor that refuses the bump leaves everything untouched).
   for (const at::Tensor& t : teacher) t.unsafeGetTensorImpl()->bump_version();

@@ -18,6 +18,11 @@ enum FastmmtEmaDtype { FASTMMT_EMA_F32 = 0, FASTMMT_EMA_F16 = 1, FASTMMT_EMA_BF1
 int fastmmt_ema_cuda_launch(void* const* teacher, const void* const* student, const int64_t* numel,
                             int n, int dtype, float a, float b, void* stream);
 
+// The calling thread's last CUDA runtime error (cudaGetLastError: returned and cleared), 0 if
+// none. Called before the launch, so that an error left by earlier work is not taken for the
+// EMA kernel's.
+int fastmmt_cuda_take_pending_error(void);
+
 // Human-readable text for a code returned by fastmmt_ema_cuda_launch.
 const char* fastmmt_ema_cuda_error_string(int code);
 

@@ -38,4 +38,11 @@ void ema_update_cuda(const std::vector<at::Tensor>& teacher, const std::vector<a
               fastmmt_ema_cuda_error_string(err));
 }
 
+void ema_cuda_check_pending() {
+  const int pending = fastmmt_cuda_take_pending_error();
+  TORCH_CHECK(pending == 0, "a CUDA error from earlier work was pending when ema_update_ was called "
+              "(nothing was updated; the error is not the EMA kernel's): ",
+              fastmmt_ema_cuda_error_string(pending));
+}
+
 }  // namespace fastmmt

@@ -132,6 +132,10 @@ extern "C" int fastmmt_ema_cuda_launch(void* const* teacher, const void* const* 
   }
 }
 
+extern "C" int fastmmt_cuda_take_pending_error(void) {
+  return static_cast<int>(cudaGetLastError());
+}
+
 extern "C" const char* fastmmt_ema_cuda_error_string(int code) {
   return cudaGetErrorString(static_cast<cudaError_t>(code));
 }

@@ -26,10 +26,13 @@ def _specs(dtype: str) -> list[tuple[str, object, dict[str, str], dict[str, obje
     lm, lk = logits.CUDA_BLOCKS
     tri_blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}
     out = []
+    triplet_sig = dict(x_ptr=x, t_ptr=x, lab_ptr=i64, loss_ptr=f32, ap_ptr="*i32", an_ptr="*i32", aux_ptr=f32,
+                       N=i32, D=i32, stride_x=i32, stride_t=i32, hinge_margin="fp32", soft_weight="fp32")
+    out.append(("triplet_fwd[teacher=False,hinge=True]", triplet._triplet_fwd, triplet_sig,
+                {"HAS_TEACHER": False, "HINGE": True, **tri_blocks}))
     for has in (True, False):
-        out.append((f"triplet_fwd[teacher={has}]", triplet._triplet_fwd, dict(
-            x_ptr=x, t_ptr=x, lab_ptr=i64, loss_ptr=f32, ap_ptr="*i32", an_ptr="*i32", aux_ptr=f32,
-            N=i32, D=i32, stride_x=i32, stride_t=i32), {"HAS_TEACHER": has, **tri_blocks}))
+        out.append((f"triplet_fwd[teacher={has}]", triplet._triplet_fwd, triplet_sig,
+                    {"HAS_TEACHER": has, "HINGE": False, **tri_blocks}))
         out.append((f"pairwise_fwd[self={has}]", distance._pairwise_fwd, dict(
             x_ptr=x, y_ptr=x, out_ptr=f32, N=i32, M=i32, D=i32, stride_x=i32, stride_y=i32, stride_o=i32),
             {"SELF": has, **tri_blocks}))
@@ -41,10 +44,10 @@ def _specs(dtype: str) -> list[tuple[str, object, dict[str, str], dict[str, obje
             tag = f"[teacher={has},labels={has_lab}]"
             out.append(("logits_fwd" + tag, logits._logits_fwd, dict(
                 s_ptr=x, t_ptr=x, lab_ptr=i64, loss_ptr=f32, lse_ptr=f32, N=i32, K=i32, stride_s=i32,
-                stride_t=i32, epsilon="fp32"), flags))
+                stride_t=i32, epsilon="fp32", smooth="fp32"), flags))
             out.append(("logits_bwd" + tag, logits._logits_bwd, dict(
                 s_ptr=x, t_ptr=x, lab_ptr=i64, lse_ptr=f32, g_ptr=f32, out_ptr=x, N=i32, K=i32,
-                stride_s=i32, stride_t=i32, stride_o=i32, epsilon="fp32"), flags))
+                stride_s=i32, stride_t=i32, stride_o=i32, epsilon="fp32", smooth="fp32"), flags))
     out.append(("triplet_bwd", triplet._triplet_bwd, dict(
         x_ptr=x, ap_ptr="*i32", an_ptr="*i32", aux_ptr=f32, g_ptr=f32, out_ptr=x, N=i32, D=i32,
         stride_x=i32, stride_o=i32), tri_blocks))

@@ -10,13 +10,17 @@ any N: larger N only means more column blocks per program (the columns are re-re
 block, N^2 D / BLOCK_M loads in all). After the loop the program reads the teacher rows of the
 anchor and of its two mined partners and computes just those 2 teacher distances per row.
 
-Per row it stores the hard term ``softplus(z)``, ``z = d_ap - d_an``, the soft term
-``w softplus(-z) + (1 - w) softplus(z)`` with ``w = sigmoid(t_ap - t_an)`` (teacher target), the
-mined indices and what the backward needs. Rows without a negative store 0 terms and 0 weights.
+Per row it stores the hard term ``softplus(z)``, ``z = d_ap - d_an`` (or, with ``HINGE``, the
+margin-ranking term ``max(z + margin, 0)``), the soft term ``w softplus(-z) + (1 - w) softplus(z)``
+with ``w = sigmoid(t_ap - t_an)`` (teacher target) or, without a teacher, a constant ``w`` (a
+softmax-triplet margin: ``-w log p_ap - (1 - w) log p_an``), the ranking indicator
+``d_an > d_ap``, the mined indices and what the backward needs (the terms' derivatives in ``z``).
+Rows without a negative store 0 terms, 0 derivatives and indicator 1 (their ``d_an`` is +inf).
 
-Backward, one launch, no atomics (deterministic): with ``c_i`` the gradient w.r.t. ``z_i``,
-``a_i = c_i / d_ap_i`` and ``b_i = -c_i / d_an_i`` (0 where the clamp is active or the pair is the
-anchor itself), ``dL/dx_i = sum_k W_ik (x_i - x_k)`` with
+Backward, one launch, no atomics (deterministic): with ``c_i`` the gradient w.r.t. ``z_i`` (the
+upstream gradients times the stored derivatives), ``a_i = c_i / d_ap_i`` and
+``b_i = -c_i / d_an_i`` (0 where the clamp is active or the pair is the anchor itself),
+``dL/dx_i = sum_k W_ik (x_i - x_k)`` with
 ``W_ik = a_i[ap_i=k] + b_i[an_i=k] + a_k[ap_k=i] + b_k[an_k=i]``. A program owns (rows x D-block)
 and builds the W tiles on the fly from the per-row vectors, so the scatter to the mined rows is a
 small dense tile product instead of atomics.
@@ -70,7 +74,8 @@ def _pair_distance(t_ptr, rows, partner, rmask, stride_t, D, BLOCK_M: tl.constex
 
 @triton.jit
 def _triplet_fwd(x_ptr, t_ptr, lab_ptr, loss_ptr, ap_ptr, an_ptr, aux_ptr, N, D, stride_x, stride_t,
-                 HAS_TEACHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 hinge_margin, soft_weight,
+                 HAS_TEACHER: tl.constexpr, HINGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
@@ -106,25 +111,32 @@ def _triplet_fwd(x_ptr, t_ptr, lab_ptr, loss_ptr, ap_ptr, an_ptr, aux_ptr, N, D,
         idx_n = tl.where(upd, targ, idx_n)
     has_neg = best_n < float("inf")
     d_an = tl.where(has_neg, best_n, best_p)  # finite placeholder; the row's terms are masked
-    z = best_p - d_an
-    sig = tl.where(has_neg, _sigmoid(z), 0.0)
-    hard = tl.where(has_neg, _softplus(z), 0.0)
+    z = tl.where(rmask, best_p - d_an, 0.0)  # padding rows have no positive (-inf): keep them finite
+    sig = _sigmoid(z)
+    if HINGE:  # margin ranking of (d_an, d_ap); derivative 1 where z + margin >= 0, as torch's clamp_min
+        hard = tl.where(has_neg, tl.maximum(z + hinge_margin, 0.0), 0.0)
+        dhard = tl.where(has_neg & (z + hinge_margin >= 0.0), 1.0, 0.0)
+    else:
+        hard = tl.where(has_neg, _softplus(z), 0.0)
+        dhard = tl.where(has_neg, sig, 0.0)
     if HAS_TEACHER:
         t_ap = _pair_distance(t_ptr, rows, idx_p, rmask, stride_t, D, BLOCK_M, BLOCK_D)
         t_an = _pair_distance(t_ptr, rows, idx_n, rmask, stride_t, D, BLOCK_M, BLOCK_D)
-        w = tl.where(has_neg, _sigmoid(t_ap - t_an), 0.0)
-        soft = tl.where(has_neg, w * _softplus(-z) + (1.0 - w) * _softplus(z), 0.0)
+        w = _sigmoid(t_ap - t_an)
     else:
-        w = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        soft = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        w = tl.zeros((BLOCK_M,), dtype=tl.float32) + soft_weight
+    soft = tl.where(has_neg, w * _softplus(-z) + (1.0 - w) * _softplus(z), 0.0)
+    dsoft = tl.where(has_neg, sig - w, 0.0)
+    ranked = tl.where(has_neg & (best_n <= best_p), 0.0, 1.0)
     inv_p = tl.where(d2_p >= 1e-12, 1.0 / best_p, 0.0)
     inv_n = tl.where(has_neg & (d2_n >= 1e-12), 1.0 / d_an, 0.0)
     tl.store(loss_ptr + rows, hard, mask=rmask)
     tl.store(loss_ptr + N + rows, soft, mask=rmask)
+    tl.store(loss_ptr + 2 * N + rows, ranked, mask=rmask)
     tl.store(ap_ptr + rows, idx_p, mask=rmask)
     tl.store(an_ptr + rows, idx_n, mask=rmask)
-    tl.store(aux_ptr + rows, sig, mask=rmask)
-    tl.store(aux_ptr + N + rows, w, mask=rmask)
+    tl.store(aux_ptr + rows, dhard, mask=rmask)
+    tl.store(aux_ptr + N + rows, dsoft, mask=rmask)
     tl.store(aux_ptr + 2 * N + rows, inv_p, mask=rmask)
     tl.store(aux_ptr + 3 * N + rows, inv_n, mask=rmask)
     tl.store(aux_ptr + 4 * N + rows, best_p, mask=rmask)
@@ -136,9 +148,9 @@ def _pair_coefficients(aux_ptr, g_ptr, idx, mask, N):
     """(a, b): gradient factors of the (anchor, positive) and (anchor, negative) pairs."""
     g_hard = tl.load(g_ptr)
     g_soft = tl.load(g_ptr + 1)
-    sig = tl.load(aux_ptr + idx, mask=mask, other=0.0)
-    w = tl.load(aux_ptr + N + idx, mask=mask, other=0.0)
-    c = (g_hard * sig + g_soft * (sig - w)) / N
+    dhard = tl.load(aux_ptr + idx, mask=mask, other=0.0)
+    dsoft = tl.load(aux_ptr + N + idx, mask=mask, other=0.0)
+    c = (g_hard * dhard + g_soft * dsoft) / N
     a = c * tl.load(aux_ptr + 2 * N + idx, mask=mask, other=0.0)
     b = -c * tl.load(aux_ptr + 3 * N + idx, mask=mask, other=0.0)
     return a, b
@@ -179,10 +191,10 @@ def _triplet_bwd(x_ptr, ap_ptr, an_ptr, aux_ptr, g_ptr, out_ptr, N, D, stride_x,
 class TripletForward(NamedTuple):
     """Per-row outputs of the fused forward (``aux`` is the backward's saved state)."""
 
-    row_losses: torch.Tensor  # (2, N) float32: hard, soft
+    row_losses: torch.Tensor  # (3, N) float32: hard, soft, ranking indicator (d_an > d_ap)
     ap_idx: torch.Tensor  # (N,) int32
     an_idx: torch.Tensor  # (N,) int32
-    aux: torch.Tensor  # (6, N) float32: sigmoid(z), teacher weight, 1/d_ap, 1/d_an, d_ap, d_an
+    aux: torch.Tensor  # (6, N) float32: d hard/dz, d soft/dz, 1/d_ap, 1/d_an, d_ap, d_an
 
     @property
     def d_ap(self) -> torch.Tensor:
@@ -193,18 +205,25 @@ class TripletForward(NamedTuple):
         return self.aux[5]
 
 
-def triplet_forward(x: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor) -> TripletForward:
-    """Mining, hard and (with ``teacher``) soft terms per row, one launch; inputs contiguous, checked."""
+def triplet_forward(x: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor,
+                    hinge_margin: float | None = None, soft_weight: float = 0.0) -> TripletForward:
+    """Mining, hard, soft and ranking terms per row, one launch; inputs contiguous, checked.
+
+    ``hinge_margin``: the hard term is ``max(d_ap - d_an + margin, 0)`` instead of ``softplus``.
+    ``soft_weight``: without ``teacher``, the soft term's constant target weight on ``d_ap``.
+    """
     n, dim = x.shape
     dev = x.device
-    losses = torch.empty((2, n), dtype=torch.float32, device=dev)
+    losses = torch.empty((3, n), dtype=torch.float32, device=dev)
     ap = torch.empty(n, dtype=torch.int32, device=dev)
     an = torch.empty(n, dtype=torch.int32, device=dev)
     aux = torch.empty((6, n), dtype=torch.float32, device=dev)
     bm, bn, bd = block_sizes(dev)
     t = x if teacher is None else teacher
     _triplet_fwd[(triton.cdiv(n, bm),)](x, t, labels, losses, ap, an, aux, n, dim, x.stride(0), t.stride(0),
-                                        HAS_TEACHER=teacher is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+                                        float(hinge_margin or 0.0), float(soft_weight),
+                                        HAS_TEACHER=teacher is not None, HINGE=hinge_margin is not None,
+                                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     return TripletForward(losses, ap, an, aux)
 
 

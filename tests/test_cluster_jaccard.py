@@ -71,6 +71,27 @@ def test_float32_features_close_to_float64(data):
     assert np.abs(out - ref).max() < 1e-3
 
 
+@pytest.mark.gpu
+def test_jaccard_on_cuda_features_runs_on_the_gpu_and_matches(data, monkeypatch):
+    """CUDA features: the k-NN strips and pair distances run in torch on the GPU (FAISS's CPU
+    routines never see them), and the Jaccard distances match the float64 reference."""
+    from fastmmt.cluster import knn as knn_mod
+
+    x, ref = data
+    seen = []
+    real_strip = knn_mod._strip
+
+    def strip(xx, norms, s, e):
+        out = real_strip(xx, norms, s, e)
+        seen.append(out.device.type)
+        return out
+
+    monkeypatch.setattr(knn_mod, "_strip", strip)
+    out = k_reciprocal_jaccard(torch.from_numpy(x).float().cuda(), 20, 6, dense=True)
+    assert seen and set(seen) == {"cuda"}
+    assert np.abs(out - ref).max() < 1e-3  # the float32 CPU test's bound
+
+
 @pytest.mark.parametrize("k,block", [(21, 64), (40, 16), (180, 64), (1, 1000)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_knn_exact_matches_sort(data, k, block, dtype):

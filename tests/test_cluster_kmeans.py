@@ -1,4 +1,6 @@
 """FAISS k-means: quality vs scikit-learn, centroids, determinism, errors, GPU branch selection."""
+import sys
+
 import faiss
 import numpy as np
 import pytest
@@ -94,8 +96,9 @@ def test_errors():
         kmeans(x, 2, init="afk-mc2")
     with pytest.raises(ClusterError, match="backend"):
         kmeans(x, 2, backend="sklearn")
-    with pytest.raises(ClusterError, match="get_num_gpus"):
-        kmeans(x, 2, backend="faiss-gpu")
+    if faiss.get_num_gpus() == 0:
+        with pytest.raises(ClusterError, match="get_num_gpus"):
+            kmeans(x, 2, backend="faiss-gpu")
 
 
 def test_thread_limit_is_scoped():
@@ -109,7 +112,10 @@ def test_thread_limit_is_scoped():
 
 
 def test_gpu_branch_selected_when_faiss_sees_a_gpu(monkeypatch, data):
-    """No GPU here: fake FAISS's GPU classes by CPU ones and run the whole GPU code path."""
+    """No GPU here: fake FAISS's GPU classes by CPU ones and run the whole GPU code path. The index
+    goes on the run's CUDA device (torch's current one for CPU features), and each device gets
+    one StandardGpuResources for the whole process, not one per call."""
+    kmeans_mod = sys.modules["fastmmt.cluster.kmeans"]  # the package re-exports the function as `kmeans`
     x, _ = data
     calls = []
 
@@ -121,21 +127,49 @@ def test_gpu_branch_selected_when_faiss_sees_a_gpu(monkeypatch, data):
         device = -1
 
     def fake_gpu_index(res, d, cfg):
-        assert isinstance(res, FakeResources) and cfg.device == 0
-        calls.append(("index", d))
+        assert isinstance(res, FakeResources)
+        calls.append(("index", d, cfg.device))
         return faiss.IndexFlatL2(d)
 
-    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    kmeans_mod.gpu_resources.cache_clear()
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
     monkeypatch.setattr(faiss, "StandardGpuResources", FakeResources)
     monkeypatch.setattr(faiss, "GpuIndexFlatConfig", FakeConfig)
     monkeypatch.setattr(faiss, "GpuIndexFlatL2", fake_gpu_index)
-    assert resolve_kmeans_backend("auto") == "faiss-gpu"
-    res = kmeans(x, 40, seed=0)
-    assert res.info["backend"] == "faiss-gpu" and calls == ["resources", ("index", 32)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # e.g. torch.cuda.set_device(1)
+    try:
+        assert resolve_kmeans_backend("auto") == "faiss-gpu"
+        res = kmeans(x, 40, seed=0)
+        assert res.info["backend"] == "faiss-gpu" and res.info["gpu_device"] == 1
+        assert calls == ["resources", ("index", 32, 1)]
+        kmeans(x, 40, seed=1)
+        assert calls == ["resources", ("index", 32, 1), ("index", 32, 1)]  # resources reused
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        kmeans(x, 40, seed=1)
+        assert calls[3:] == ["resources", ("index", 32, 0)]  # a second device, its own resources
+    finally:
+        kmeans_mod.gpu_resources.cache_clear()  # no fake left cached for later tests
     cpu = kmeans(x, 40, seed=0, backend="faiss")
     np.testing.assert_array_equal(res.labels, cpu.labels)
 
 
-def test_auto_is_cpu_without_gpu():
-    assert faiss.get_num_gpus() == 0
+def test_auto_is_cpu_without_gpu(monkeypatch):
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)  # also on a CUDA machine
     assert resolve_kmeans_backend("auto") == "faiss"
+
+
+@pytest.mark.gpu
+def test_faiss_gpu_kmeans_matches_cpu(data):
+    """The real GpuIndexFlatL2 assignment: same quality as the CPU run from the same seeding."""
+    x, y = data
+    assert faiss.get_num_gpus() > 0, "faiss sees no GPU: is the faiss-gpu build installed?"
+    gpu = kmeans(x, 40, seed=0, backend="faiss-gpu")
+    cpu = kmeans(x, 40, seed=0, backend="faiss")
+    assert gpu.info["backend"] == "faiss-gpu"
+    # float32 sums in another order may move a boundary point; the clustering must agree
+    assert nmi(cpu.labels, gpu.labels) > 0.99 and nmi(y, gpu.labels) > 0.95
+    assert gpu.info["inertia"] == pytest.approx(cpu.info["inertia"], rel=1e-3)
+    on_device = kmeans(torch.from_numpy(x).cuda(), 40, seed=0, backend="faiss-gpu")
+    assert on_device.info["gpu_device"] == torch.cuda.current_device()
+    assert nmi(gpu.labels, on_device.labels) > 0.99

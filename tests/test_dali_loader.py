@@ -1,4 +1,7 @@
-"""DALI loaders: P x K batches, labels, epochs, errors, and the backend factory (CPU DALI)."""
+"""DALI loaders: P x K batches, labels, epochs, errors, and the backend factory.
+
+The loaders' default device is used: DALI's GPU graph on a CUDA machine, its CPU graph here.
+"""
 from __future__ import annotations
 
 import io
@@ -16,6 +19,7 @@ from fastmmt.data.sampler import BatchPlanner
 from fastmmt.data.factory import build_test_loader, build_train_loader, resolve_data_backend
 
 H, W = 32, 16
+OUT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the default loaders put images
 
 
 def jpeg_bytes(seed: int) -> bytes:
@@ -65,7 +69,7 @@ def test_batches_are_pk_with_right_labels_and_match_torch_plan(dataset):
     for g, w in zip(got, want):
         check_pk(g, labels, dataset, 4, 4)
         assert torch.equal(g.indices, w.indices)  # same sampler, same batch plan
-        assert g.views[0].dtype == torch.float32 and g.views[0].device.type == "cpu"
+        assert g.views[0].dtype == torch.float32 and g.views[0].device.type == OUT_DEVICE
         assert not torch.equal(g.views[0], g.views[1])  # two independent augmentations
 
 
@@ -245,16 +249,124 @@ def test_factory_backends(dataset):
     d = build_test_loader(dataset, H, W, batch_size=16, backend="dali")
     t = build_test_loader(dataset, H, W, batch_size=16, workers=0, backend="torch")
     for (xd, pd, cd, id_), (xt, pt, ct, it) in zip(d, t, strict=True):
+        xd, pd, cd, id_ = xd.cpu(), pd.cpu(), cd.cpu(), id_.cpu()  # DALI's GPU graph on a CUDA machine
         assert torch.equal(id_, it) and torch.equal(pd, pt) and torch.equal(cd, ct)
         assert (xd - xt).abs().max() <= 0.105  # resize kernels differ (see test_dali_pipeline)
     counts = Counter(int(i) for b in build_train_loader(dataset, labels, H, W, batch_size=8).epoch(0, 3)
                      for i in b.labels)
     assert all(c % 4 == 0 for c in counts.values())
     # distributed: auto still picks DALI, and each rank's pipeline reads only its share
+    cuda = torch.cuda.is_available()
     shares = [build_train_loader(dataset, labels, H, W, batch_size=16, seed=2, rank=r, world_size=2,
-                                 local_rank=r) for r in range(2)]
-    assert all(isinstance(s, DaliTrainLoader) and s.torch_device.type == "cpu" for s in shares)
+                                 local_rank=0 if cuda else r) for r in range(2)]
+    assert all(isinstance(s, DaliTrainLoader) for s in shares)
+    assert all(s.torch_device == (torch.device("cuda", 0) if cuda else torch.device("cpu")) for s in shares)
     full = build_train_loader(dataset, labels, H, W, batch_size=16, seed=2, workers=0, backend="torch")
     for b, *parts in zip(full.epoch(1, 3), *(s.epoch(1, 3) for s in shares), strict=True):
         assert [len(p.indices) for p in parts] == [8, 8]
-        assert torch.equal(torch.cat([p.indices for p in parts]), b.indices)
+        assert torch.equal(torch.cat([p.indices.cpu() for p in parts]), b.indices)
+
+
+def test_gpu_copies_run_on_torchs_current_stream(monkeypatch):
+    """DALI -> torch copies are issued on torch.cuda.current_stream() of the destination (as
+    DALI's own iterator does), not on a DALI-internal stream racing torch's allocator."""
+    from nvidia.dali import tensors as dali_tensors
+    from nvidia.dali.plugin import pytorch as dali_torch
+
+    from fastmmt.data import dali as dali_mod
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("current", device))
+    assert dali_mod._copy_stream(torch.device("cuda", 1)) == ("current", torch.device("cuda", 1))
+    assert dali_mod._copy_stream(torch.device("cpu")) is None
+
+    seen = []
+    real_feed = dali_torch.feed_ndarray
+
+    def feed(dali_tensor, arr, cuda_stream=None):
+        seen.append(cuda_stream)
+        return real_feed(dali_tensor, arr)
+
+    monkeypatch.setattr(dali_torch, "feed_ndarray", feed)
+    monkeypatch.setattr(dali_mod, "_copy_stream", lambda device: ("stream for", device))
+    arr = np.arange(2 * 4 * 3 * 3, dtype=np.float32).reshape(2, 4, 3, 3)
+    out = dali_mod._to_torch(dali_tensors.TensorListCPU(arr), torch.device("cpu"), channels_last=True)
+    assert seen == [("stream for", torch.device("cpu"))]
+    assert torch.equal(out, torch.from_numpy(arr).permute(0, 3, 1, 2))
+
+
+@pytest.mark.gpu
+def test_gpu_loader_batches_on_a_side_stream_match_default_stream(dataset):
+    """Consumed on a non-default torch stream without any synchronize: the same values."""
+    labels = pids_of(dataset)
+    want = [b.views[0].cpu() for b in DaliTrainLoader(dataset, labels, H, W, batch_size=8, seed=3,
+                                                      device="gpu").epoch(0, 3)]
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        got = [(b.views[0] * 1.0) for b in DaliTrainLoader(dataset, labels, H, W, batch_size=8, seed=3,
+                                                           device="gpu").epoch(0, 3)]
+        got = [g.to("cpu", non_blocking=False) for g in got]
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+@pytest.fixture
+def fresh_probe():
+    """The probe and its warning are cached per process: start and end each test uncached."""
+    from fastmmt.data import factory
+
+    factory.dali_gpu_probe.cache_clear()
+    factory._warn_gpu_fallback.cache_clear()
+    yield factory
+    factory.dali_gpu_probe.cache_clear()
+    factory._warn_gpu_fallback.cache_clear()
+
+
+def test_auto_falls_back_to_torch_when_the_gpu_probe_fails(monkeypatch, fresh_probe, dataset):
+    """A CUDA machine whose driver is too old for DALI: auto warns once, naming why, and uses torch."""
+    factory = fresh_probe
+    runs = []
+
+    def failing_probe():
+        runs.append(1)
+        raise RuntimeError("nvJPEG: CUDA driver version is insufficient for CUDA runtime version\nmore")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(factory, "_run_gpu_probe", failing_probe)
+    with pytest.warns(RuntimeWarning, match=r"GPU pipeline cannot run.*RuntimeError: nvJPEG: CUDA driver "
+                                            r"version is insufficient.*torch loader") as rec:
+        assert resolve_data_backend("auto") == "torch"
+    assert len(rec) == 1 and "more" not in str(rec[0].message)  # first line of the reason only
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second probe
+        assert resolve_data_backend("auto") == "torch"
+        labels = pids_of(dataset)
+        loader = build_train_loader(dataset, labels, H, W, batch_size=8, workers=0)
+        assert isinstance(loader, TorchTrainLoader)
+        assert resolve_data_backend("auto", device="cpu") == "dali"  # CPU DALI needs no probe
+        assert resolve_data_backend("torch") == "torch"
+    assert runs == [1]
+
+
+def test_auto_keeps_dali_when_the_gpu_probe_runs(monkeypatch, fresh_probe):
+    factory = fresh_probe
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(factory, "_run_gpu_probe", lambda: None)
+    assert resolve_data_backend("auto") == "dali"
+    assert factory.dali_gpu_probe() is None
+
+
+def test_real_gpu_probe_reports_why_it_cannot_run(fresh_probe):
+    """The probe builds the real GPU test graph; without CUDA that fails with a named reason."""
+    factory = fresh_probe
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: test_gpu_probe_runs covers it")
+    assert factory.dali_gpu_probe() == "ValueError: device='gpu' requested but CUDA is not available"
+    assert resolve_data_backend("auto") == "dali"  # no CUDA: the loaders run DALI on the CPU
+
+
+@pytest.mark.gpu
+def test_gpu_probe_runs(fresh_probe):
+    """On a CUDA machine with a driver DALI supports, the tiny GPU pipeline runs."""
+    assert fresh_probe.dali_gpu_probe() is None
+    assert resolve_data_backend("auto") == "dali"

@@ -6,6 +6,10 @@ decode, same normalisation arithmetic); bicubic upscaling 128x64 -> 256x128 max 
 0.052 / mean 0.0036; antialiased downscaling 300x150 -> 64x32 max 0.088 (5 levels) / mean
 0.0031 (DALI's cubic resampler and Pillow's differ in rounding and antialias support).
 The bounds below are 0.105 max (6 levels) and 0.008 mean.
+
+GPU variants (marked ``gpu``) run the same graphs on the GPU (nvJPEG ``mixed`` decoding, GPU
+resize) and copy the outputs back. nvJPEG's IDCT is not libjpeg-turbo's: it may differ by a
+level or two, so GPU JPEG comparisons get GPU_JPEG_SLACK (2 levels) on top; PNG decodes exactly.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from fastmmt.data.dali_ops import train_pipeline, view_columns
 from fastmmt.data.transforms import normalize, resize_to_tensor
 
 RESIZE_MAX, RESIZE_MEAN = 0.105, 0.008
+GPU_JPEG_SLACK = 2 / (255 * 0.225)
+ON_GPU = pytest.param("gpu", marks=pytest.mark.gpu)
 
 
 def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
@@ -45,15 +51,16 @@ def write_images(tmp_path, arrays, fmt="JPEG", mode=None) -> list[ImageRecord]:
     return recs
 
 
-def dali_vs_reference(recs, height, width, batch_size=5):
-    loader = DaliTestLoader(recs, height, width, batch_size=batch_size)
+def dali_vs_reference(recs, height, width, batch_size=5, device="cpu"):
+    loader = DaliTestLoader(recs, height, width, batch_size=batch_size, device=device)
     ref = TestTransform(height, width)
     got, want, order = [], [], []
     for images, pids, camids, idx in loader:
         assert images.dtype == torch.float32 and images.shape[1:] == (3, height, width)
         assert pids.tolist() == [recs[i].pid for i in idx.tolist()]
         assert camids.tolist() == [recs[i].camid for i in idx.tolist()]
-        got.append(images)
+        assert images.device.type == ("cuda" if device == "gpu" else "cpu")
+        got.append(images.cpu())
         want.append(torch.stack([ref(load_image(recs[i].path)) for i in idx.tolist()]))
         order += idx.tolist()
     assert order == list(range(len(recs)))  # record order, last partial batch included
@@ -62,17 +69,27 @@ def dali_vs_reference(recs, height, width, batch_size=5):
 
 @pytest.mark.parametrize("src,dst", [((128, 64), (256, 128)), ((300, 150), (64, 32)),
                                      ((97, 41), (64, 32))])
-def test_test_pipeline_matches_reference_with_resize(tmp_path, src, dst):
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+def test_test_pipeline_matches_reference_with_resize(tmp_path, src, dst, device):
     recs = write_images(tmp_path, [smooth_image(*src, seed=s) for s in range(12)])
-    got, want = dali_vs_reference(recs, *dst)
+    got, want = dali_vs_reference(recs, *dst, device=device)
     diff = (got - want).abs()
-    assert diff.max() <= RESIZE_MAX and diff.mean() <= RESIZE_MEAN, (diff.max(), diff.mean())
+    slack = GPU_JPEG_SLACK if device == "gpu" else 0.0
+    assert diff.max() <= RESIZE_MAX + slack and diff.mean() <= RESIZE_MEAN + slack / 4, (diff.max(), diff.mean())
 
 
 def test_test_pipeline_equals_reference_without_resize(tmp_path):
     recs = write_images(tmp_path, [smooth_image(64, 32, seed=s) for s in range(7)])
     got, want = dali_vs_reference(recs, 64, 32, batch_size=3)
     assert torch.equal(got, want)  # same decoder, same normalisation arithmetic: the same bits
+
+
+@pytest.mark.gpu
+def test_gpu_test_pipeline_png_without_resize_equals_reference(tmp_path):
+    """PNG has no IDCT: the GPU graph without resize must reproduce the reference exactly."""
+    recs = write_images(tmp_path, [smooth_image(64, 32, seed=s) for s in range(7)], "PNG")
+    got, want = dali_vs_reference(recs, 64, 32, batch_size=3, device="gpu")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("fmt,mode", [("JPEG", "L"), ("PNG", "L"), ("PNG", "RGBA"), ("PNG", "P"),
@@ -113,7 +130,8 @@ def reference_view(x: torch.Tensor, flip: int, crop, anchor, shape, pad: int, fi
 
 
 @pytest.mark.parametrize("pad", [10, 3, 0])
-def test_train_graph_applies_given_draws_like_reference(tmp_path, pad):
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+def test_train_graph_applies_given_draws_like_reference(tmp_path, pad, device):
     """Feed known flip/crop/erase draws; each view equals the reference ops on the same draws."""
     h, w, n, views = 32, 16, 24, 2
     recs = write_images(tmp_path, [smooth_image(h, w, seed=s) for s in range(n)], "PNG")
@@ -129,16 +147,20 @@ def test_train_graph_applies_given_draws_like_reference(tmp_path, pad):
     def source():
         return batch
 
-    pipe = train_pipeline(source, batch_size=n, spec=spec, num_views=views, prefetch=1)
+    pipe = train_pipeline(source, batch_size=n, spec=spec, num_views=views, prefetch=1, device=device,
+                          device_id=0 if device == "gpu" else None)
     pipe.build()
-    outs = pipe.run()
+    outs = [o.as_cpu() if device == "gpu" else o for o in pipe.run()]
     assert np.array(outs[0].as_tensor()).tolist() == list(range(n))
     for v, p in enumerate(params):
         got = torch.from_numpy(np.array(outs[1 + v].as_tensor()))
         for i, rec in enumerate(recs):
             x = resize_to_tensor(load_image(rec.path), h, w)
             want = reference_view(x, int(p.flip[i]), p.crop[i], p.erase_anchor[i], p.erase_shape[i], pad, fill)
-            assert torch.equal(got[i], want), (v, i)
+            if device == "cpu":  # the CPU kernels' arithmetic is the reference's: the same bits
+                assert torch.equal(got[i], want), (v, i)
+            else:
+                torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
 
 
 def proto_fields(buf: bytes) -> list[tuple[int, bytes | int]]:

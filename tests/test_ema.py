@@ -27,10 +27,10 @@ def _C():
     return ext
 
 
-def _pairs(shapes, dtype, seed=0):
+def _pairs(shapes, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    teacher = [torch.randn(s, generator=g).to(dtype) for s in shapes]
-    student = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    teacher = [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
+    student = [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
     return teacher, student
 
 
@@ -66,21 +66,29 @@ def test_extension_built_and_auto_picks_it():
     assert ext.num_threads() == torch.get_num_threads()
 
 
+@pytest.mark.gpu
+def test_cuda_extension_built_and_auto_picks_it(device):
+    """On a CUDA machine the extension must have been built with its CUDA kernel."""
+    assert _C().has_cuda(), "fastmmt._C was built without CUDA (see the build log's skip line)"
+    t, s = _pairs([(5,), (64, 3, 7, 7)], torch.float32, device=device)
+    assert ema_update_(t, s, 0.5) == "ext"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_float64_reference(backend, dtype):
+def test_matches_float64_reference(backend, dtype, device):
     alpha = 0.73
-    teacher, student = _pairs(ODD_SHAPES, dtype)
+    teacher, student = _pairs(ODD_SHAPES, dtype, device=device)
     t0 = [t.clone() for t in teacher]
     assert ema_update_(teacher, student, alpha, backend=backend) == backend
     for out, a, b in zip(teacher, t0, student):
-        _assert_close(out, a, b, alpha, dtype, backend)
+        _assert_close(out.cpu(), a.cpu(), b.cpu(), alpha, dtype, backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ext_is_fp32_arithmetic_rounded_once(dtype):
+def test_ext_is_fp32_arithmetic_rounded_once(dtype, device):
     alpha = 0.999
-    teacher, student = _pairs(ODD_SHAPES, dtype, seed=1)
+    teacher, student = _pairs(ODD_SHAPES, dtype, seed=1, device=device)
     a32 = torch.tensor(alpha, dtype=torch.float32)
     b32 = torch.tensor(1.0 - alpha, dtype=torch.float32)
     expect = [(a32 * t.float() + b32 * s.float()).to(dtype) for t, s in zip(teacher, student)]
@@ -103,8 +111,8 @@ def test_many_tensors_split_across_threads():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_alpha_edges(backend, dtype):
-    teacher, student = _pairs([(1023,), (17, 3)], dtype, seed=4)
+def test_alpha_edges(backend, dtype, device):
+    teacher, student = _pairs([(1023,), (17, 3)], dtype, seed=4, device=device)
     t0 = [t.clone() for t in teacher]
     ema_update_(teacher, student, 1.0, backend=backend)  # alpha 1: teacher unchanged
     assert all(torch.equal(t, a) for t, a in zip(teacher, t0))
@@ -158,12 +166,14 @@ def test_extension_validates_before_writing(case):
     assert all(torch.equal(t, b) for t, b in zip(teacher, before))
 
 
-def test_extension_rejects_noncontiguous_unsupported_dtype_and_alpha():
+def test_extension_rejects_mismatched_or_gapped_layouts_unsupported_dtype_and_alpha():
     ext = _C()
     t, s = _pairs([(3,), (4, 6)], torch.float32)
     before = [x.clone() for x in t]
-    with pytest.raises(ValueError, match="tensor 1 is not contiguous"):
-        ext.ema_update_(t, [s[0], s[1].t().contiguous().t()], 0.5)
+    with pytest.raises(ValueError, match=r"tensor 1 must be dense .* same memory layout .*strides \[6, 1\].*\[1, 4\]"):
+        ext.ema_update_(t, [s[0], s[1].t().contiguous().t()], 0.5)  # layouts differ
+    with pytest.raises(ValueError, match="tensor 1 must be dense"):
+        ext.ema_update_([t[0], t[1][:, ::2]], [s[0], s[1][:, ::2]], 0.5)  # gaps
     with pytest.raises(ValueError, match="alpha must be in"):
         ext.ema_update_(t, s, 1.5)
     with pytest.raises(ValueError, match="float32, float16, bfloat16"):
@@ -175,9 +185,68 @@ def test_auto_falls_back_to_foreach_when_ext_cannot():
     t, s = _pairs([(4, 6)], torch.float64)
     assert ema_update_(t, s, 0.5) == "foreach"
     t, s = _pairs([(4, 6)], torch.float32)
-    assert ema_update_([t[0].t()], [s[0].t()], 0.5) == "foreach"
+    assert ema_update_([t[0][:, ::2]], [s[0][:, ::2]], 0.5) == "foreach"  # gaps
+    assert ema_update_([t[0].t()], [s[0].t().contiguous()], 0.5) == "foreach"  # layouts differ
     with pytest.raises(ValueError, match="unknown EMA backend"):
         ema_update_(t, s, 0.5, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["auto", "ext"])
+def test_channels_last_and_transposed_layouts_take_the_extension(backend, device):
+    """Channels-last conv weights (not is_contiguous()) and transposed matrices are dense: the
+    extension updates them in place when teacher and student share the layout."""
+    teacher, student = _pairs([(64, 3, 7, 7), (256, 64, 1, 1), (8, 5), (1, 3, 1, 1)], torch.float32,
+                              seed=6, device=device)
+    teacher[:2] = [t.contiguous(memory_format=torch.channels_last) for t in teacher[:2]]
+    student[:2] = [s.contiguous(memory_format=torch.channels_last) for s in student[:2]]
+    teacher[2], student[2] = teacher[2].t(), student[2].t()
+    assert not teacher[0].is_contiguous() and not teacher[2].is_contiguous()
+    t0 = [t.clone() for t in teacher]
+    ptrs = [t.data_ptr() for t in teacher]
+    assert ema_update_(teacher, student, 0.3, backend=backend) == "ext"
+    assert [t.data_ptr() for t in teacher] == ptrs and teacher[0].is_contiguous(memory_format=torch.channels_last)
+    for out, a, b in zip(teacher, t0, student):
+        _assert_close(out.cpu(), a.cpu(), b.cpu(), 0.3, torch.float32, "ext")
+
+
+def test_mixed_dtype_lists_are_grouped(device):
+    """float32 and bfloat16 parameters in one list (e.g. a partly cast model): one call per dtype."""
+    t32, s32 = _pairs([(1023,), (17, 3)], torch.float32, seed=7, device=device)
+    t16, s16 = _pairs([(65,), (4, 4)], torch.bfloat16, seed=8, device=device)
+    teacher, student = [t32[0], t16[0], t32[1], t16[1]], [s32[0], s16[0], s32[1], s16[1]]
+    t0 = [t.clone() for t in teacher]
+    assert ema_update_(teacher, student, 0.6) == "ext"
+    for out, a, b in zip(teacher, t0, student):
+        _assert_close(out.cpu(), a.cpu(), b.cpu(), 0.6, out.dtype, "ext")
+
+
+def test_mixed_dtype_list_with_a_bad_group_writes_nothing():
+    t32, s32 = _pairs([(10,)], torch.float32)
+    t16, s16 = _pairs([(4, 6)], torch.bfloat16)
+    teacher, student = [t32[0], t16[0][:, ::2]], [s32[0], s16[0][:, ::2]]
+    before = [t.clone() for t in teacher]
+    with pytest.raises(ValueError, match="tensor 1 must be dense"):
+        ema_update_(teacher, student, 0.5, backend="ext")
+    assert all(torch.equal(t, b) for t, b in zip(teacher, before))
+
+
+@pytest.mark.gpu
+def test_pending_cuda_error_is_not_reported_as_the_emas():
+    """A CUDA error left by earlier work (here a failed cudaMalloc) is named as such, before
+    anything is written; the next update runs normally."""
+    import ctypes
+
+    teacher, student = _pairs([(1000,)], torch.float32, device="cuda")
+    before = teacher[0].clone()
+    ptr = ctypes.c_void_p()
+    libs = [line.split()[-1] for line in open("/proc/self/maps") if "libcudart" in line]
+    assert libs, "libcudart not loaded by torch"
+    rt = ctypes.CDLL(libs[0])
+    assert rt.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(1 << 62)) != 0  # leaves a pending error
+    with pytest.raises(RuntimeError, match="CUDA error from earlier work was pending"):
+        ema_update_(teacher, student, 0.5, backend="ext")
+    assert torch.equal(teacher[0], before)
+    assert ema_update_(teacher, student, 0.5, backend="ext") == "ext"
 
 
 def test_ext_bumps_version_counter():

@@ -47,6 +47,7 @@ def test_kernel_compiles_with_nvcc(arch, tmp_path):
     if shutil.which("nm"):
         symbols = subprocess.run(["nm", "--defined-only", str(obj)], capture_output=True, text=True).stdout
         assert " T fastmmt_ema_cuda_launch" in symbols and " T fastmmt_ema_cuda_error_string" in symbols
+        assert " T fastmmt_cuda_take_pending_error" in symbols
 
 
 def test_kernel_source_has_no_torch_headers():

@@ -15,13 +15,14 @@ from typing import Any
 import yaml
 
 from fastmmt.train.options import ADAPT_METHODS, ExperimentOptions
+from fastmmt.train.runtime import FP16_REFUSED
 
 CHOICES = {
     ("data", "backend"): ("auto", "dali", "torch"),
     ("model", "arch"): ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_ibn50a"),
     ("adapt", "method"): ADAPT_METHODS,
     ("adapt", "cluster_backend"): ("auto", "faiss", "faiss-gpu", "torch"),
-    ("run", "amp"): (None, "bf16", "fp16"),
+    ("run", "amp"): (None, "bf16"),
     ("run", "loss_backend"): ("auto", "torch", "triton"),
     ("run", "ema_backend"): ("auto", "ext", "foreach", "loop"),
 }
@@ -106,6 +107,8 @@ def build_options(raw: dict) -> ExperimentOptions:
             where = f"{section}.{key}"
             value = _coerce(value, hints[key], where)
             allowed = CHOICES.get((section, key))
+            if (section, key) == ("run", "amp") and value == "fp16":
+                raise ConfigError(f"{where}: {FP16_REFUSED}")
             if allowed is not None and value not in allowed:
                 raise ConfigError(f"{where} = {value!r} is not allowed; choose one of {list(allowed)}")
             setattr(target, key, value)

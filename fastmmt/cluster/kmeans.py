@@ -3,10 +3,12 @@
 The reference MMT ran scikit-learn's KMeans (k-means++, 10 restarts). fastmmt seeds with greedy
 k-means++ (:mod:`fastmmt.cluster.seeding`), runs FAISS's Lloyd iterations and keeps the best of
 ``nredo`` restarts; on a GPU (``faiss.get_num_gpus() > 0``) the assignment step runs on a
-``GpuIndexFlatL2``.
+``GpuIndexFlatL2`` on the features' CUDA device (else torch's current device), with one
+``StandardGpuResources`` per device for the whole process (each one reserves scratch memory).
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import faiss
@@ -32,15 +34,27 @@ def resolve_kmeans_backend(backend: str) -> str:
     return backend
 
 
-def _flat_l2_index(backend: str, d: int) -> tuple[faiss.Index, object]:
-    """Exact L2 index for the assignment step (and the GPU resources keeping it alive)."""
+@functools.lru_cache(maxsize=None)
+def gpu_resources(device: int):
+    """The process's ``faiss.StandardGpuResources`` for CUDA ``device`` (created on first use)."""
+    return faiss.StandardGpuResources()
+
+
+def gpu_device(x: torch.Tensor) -> int:
+    """The CUDA device FAISS should use for ``x``: its own, else torch's current device."""
+    if x.is_cuda:
+        return x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+def _flat_l2_index(backend: str, d: int, device: int = 0) -> faiss.Index:
+    """Exact L2 index for the assignment step (on CUDA ``device`` for ``faiss-gpu``)."""
     if backend == "faiss-gpu":
         # faiss.Kmeans(gpu=True) silently trains on the CPU without a GPU; build the index here.
-        res = faiss.StandardGpuResources()
         cfg = faiss.GpuIndexFlatConfig()
-        cfg.device = 0
-        return faiss.GpuIndexFlatL2(res, d, cfg), res
-    return faiss.IndexFlatL2(d), None
+        cfg.device = device
+        return faiss.GpuIndexFlatL2(gpu_resources(device), d, cfg)
+    return faiss.IndexFlatL2(d)
 
 
 def kmeans(
@@ -79,7 +93,8 @@ def kmeans(
     backend = resolve_kmeans_backend(backend)
     xs = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
 
-    index, _res = _flat_l2_index(backend, d)
+    device = gpu_device(x) if backend == "faiss-gpu" else None
+    index = _flat_l2_index(backend, d, device or 0)
     best, iterations = None, 0
     with limited_threads(num_threads), torch.no_grad():
         for redo in range(int(nredo)):
@@ -99,6 +114,8 @@ def kmeans(
     inertia = float(diff.pow(2).sum())
     info = {"inertia": inertia, "backend": backend, "iterations": iterations, "init": init,
             "nredo": nredo, "empty_clusters": num_empty, "seconds": time.perf_counter() - t0}
+    if device is not None:
+        info["gpu_device"] = device
     return ClusterResult(labels=labels, centroids=means, num_clusters=num_clusters, info=info)
 
 

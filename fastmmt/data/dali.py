@@ -199,14 +199,22 @@ class _PipelineRunner:
                 self._pipe = None
 
 
+def _copy_stream(device: torch.device):
+    """The stream a DALI -> torch copy to ``device`` runs on: torch's current stream on CUDA
+    (where the destination was allocated and its consumers run), None (a host copy) on CPU."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
 def _to_torch(tensor_list, device: torch.device, channels_last: bool = False) -> torch.Tensor:
     """Copy a dense DALI TensorList into a new torch tensor on ``device`` (NCHW view)."""
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
     dense = tensor_list.as_tensor()
     out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
-    # no stream: a GPU copy completes before returning, so DALI may reuse its buffer afterwards
-    feed_ndarray(dense, out)
+    # On torch's current stream, as DALI's own iterator does: ordered after the allocation and
+    # before every later kernel that reads ``out``, with no host sync (DALI makes the stream
+    # wait for its output to be ready).
+    feed_ndarray(dense, out, cuda_stream=_copy_stream(out.device))
     return out.permute(0, 3, 1, 2) if channels_last else out
 
 

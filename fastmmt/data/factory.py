@@ -1,18 +1,27 @@
-"""Choose the input pipeline: DALI wherever it imports, the torch reference otherwise.
+"""Choose the input pipeline: DALI wherever it imports and runs, the torch reference otherwise.
 
-``backend="auto"`` picks ``"dali"`` when NVIDIA DALI is importable, else ``"torch"``, in a
-single process and under torchrun alike; ``"dali"`` and ``"torch"`` force one. Both training
-loaders share one interface (``epoch(epoch, iters)``, ``set_labels``,
-:class:`~fastmmt.data.TrainBatch`) and one batch plan and augmentation, and both test loaders yield ``(images, pids, camids, indices)`` in record order, so callers never branch.
+``backend="auto"`` picks ``"dali"`` when NVIDIA DALI is importable and, when the DALI loaders
+would run on the GPU (CUDA present and no ``device="cpu"``), one tiny GPU pipeline built and run
+once per process succeeds (DALI's CUDA build needs a recent driver: an older one fails only when
+a pipeline runs); else ``"torch"``, with one warning naming the reason; in a single process and
+under torchrun alike. ``"dali"`` and ``"torch"`` force one. Both training loaders share one
+interface (``epoch(epoch, iters)``, ``set_labels``, :class:`~fastmmt.data.TrainBatch`), one batch
+plan and one augmentation, and both test loaders yield ``(images, pids, camids, indices)`` in
+record order, so callers never branch.
 Keyword options only the DALI loaders know (``on_error``, ``device``, ``channels_last``,
 ``cache``, ``prefetch``, ...) go in ``dali_options`` and are rejected with the torch backend.
 """
 from __future__ import annotations
 
+import functools
+import os
+import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from fastmmt.data import loaders as torch_loaders
 from fastmmt.data.augment import AugmentSpec
@@ -32,12 +41,59 @@ def dali_available() -> bool:
     return _dali_import_error() is None
 
 
-def resolve_data_backend(backend: str = "auto") -> str:
-    """``"auto"`` -> ``"dali"`` if DALI imports else ``"torch"``; validates explicit choices."""
+def _run_gpu_probe() -> None:
+    """Build and run DALI's GPU test graph on one tiny JPEG; raise whatever stops it."""
+    from PIL import Image
+
+    from fastmmt.data.dali import DaliTestLoader
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "probe.jpg")
+        Image.new("RGB", (8, 16), (120, 60, 30)).save(path, format="JPEG")
+        batches = list(DaliTestLoader([ImageRecord(path, 0, 0)], 16, 8, batch_size=1, workers=1, device="gpu"))
+        images = batches[0][0]
+        if tuple(images.shape) != (1, 3, 16, 8) or not bool(torch.isfinite(images).all()):
+            raise RuntimeError(f"the probe pipeline returned {tuple(images.shape)} (finite: "
+                               f"{bool(torch.isfinite(images).all())}) for one 16 x 8 image")
+
+
+@functools.lru_cache(maxsize=None)
+def dali_gpu_probe() -> str | None:
+    """Why DALI's GPU pipeline cannot run here, or None when it ran (probed once per process)."""
+    try:
+        _run_gpu_probe()
+    except Exception as err:  # driver too old, no nvJPEG, out of memory, ...: all mean "cannot run"
+        text = str(err).strip()
+        return f"{type(err).__name__}: {text.splitlines()[0] if text else '(no message)'}"
+    return None
+
+
+def _dali_would_use_gpu(device: str | None) -> bool:
+    """The DALI loaders' own device rule: ``gpu`` when asked, or by default when CUDA is present."""
+    return device == "gpu" or (device is None and torch.cuda.is_available())
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_gpu_fallback(reason: str) -> None:
+    warnings.warn(f"data.backend='auto': DALI's GPU pipeline cannot run on this machine ({reason}); "
+                  "using the torch loader instead (data.backend='dali' would fail the same way)",
+                  RuntimeWarning, stacklevel=3)
+
+
+def resolve_data_backend(backend: str = "auto", device: str | None = None) -> str:
+    """``"auto"`` -> ``"dali"`` if DALI imports (and, for a GPU ``device``, a probe pipeline ran)
+    else ``"torch"``; validates explicit choices. ``device``: the DALI loaders' ``device`` option."""
     if backend not in BACKENDS:
         raise ValueError(f"data backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "dali" if dali_available() else "torch"
+        if not dali_available():
+            return "torch"
+        if _dali_would_use_gpu(device):
+            reason = dali_gpu_probe()
+            if reason is not None:
+                _warn_gpu_fallback(reason)
+                return "torch"
+        return "dali"
     if backend == "dali" and not dali_available():
         raise ImportError(f"backend='dali' requested but NVIDIA DALI does not import "
                           f"({_dali_import_error()}); use backend='torch'")
@@ -63,7 +119,7 @@ def build_train_loader(records: Sequence[ImageRecord], labels: np.ndarray, heigh
     """
     args = (records, labels, height, width, batch_size, num_instances, num_views, workers, seed, erase,
             rank, world_size)
-    if resolve_data_backend(backend) == "dali":
+    if resolve_data_backend(backend, dali_options.get("device")) == "dali":
         from fastmmt.data.dali import DaliTrainLoader
         return DaliTrainLoader(*args, augment=augment, device_id=local_rank, **dali_options)
     _torch_only(dali_options)
@@ -76,7 +132,7 @@ def build_test_loader(records: Sequence[ImageRecord], height: int, width: int, b
     """An ordered extraction loader yielding ``(images, pids, camids, indices)`` batches, the
     last partial batch included. ``local_rank``: the CUDA device a DALI pipeline decodes on
     (ignored by the torch loader)."""
-    if resolve_data_backend(backend) == "dali":
+    if resolve_data_backend(backend, dali_options.get("device")) == "dali":
         from fastmmt.data.dali import DaliTestLoader
         return DaliTestLoader(records, height, width, batch_size, workers, device_id=local_rank, **dali_options)
     _torch_only(dali_options)

@@ -2,6 +2,7 @@
 
 Every op takes ``backend``: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else
 torch), ``"torch"`` (the reference in :mod:`fastmmt.ops.reference`) or ``"triton"``.
+:mod:`fastmmt.ops.compat` holds drop-in modules with the signatures of MMT's own loss classes.
 """
 from fastmmt.ops._dispatch import resolve_backend
 from fastmmt.ops.ema import ema_alpha, ema_update_, ema_update_module_

@@ -6,11 +6,16 @@ explicit ``backend`` so tests and benchmarks can pin each path.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable)
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -40,3 +45,22 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     if on_cuda or triton_interpreter_on():
         return "triton"
     return "torch"
+
+
+def float32_region(fn: F) -> F:
+    """Run ``fn`` with autocast switched off (CPU and CUDA), whatever the caller enabled.
+
+    The losses cast to float32 themselves; under autocast ``xs @ ys.t()`` would still run in
+    bf16/fp16 and the ``|a|^2 + |b|^2 - 2ab`` expansion would cancel, corrupting mining, losses
+    and gradients. Inputs keep their dtype: the ops upcast them.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

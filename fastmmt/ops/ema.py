@@ -4,7 +4,9 @@ Backends: ``ext`` (the compiled extension ``fastmmt._C``: one call for all tenso
 ``at::parallel_for`` on CPU, a multi-tensor kernel on CUDA when built with CUDA), ``foreach``
 (``torch._foreach_lerp_``, always available) and ``loop`` (one ``mul_``/``add_`` pair per tensor,
 as the original MMT code does; kept for benchmarks). ``auto`` picks ``ext`` when the extension
-imports and supports the tensors' device, else ``foreach``.
+imports and supports the tensors' device, dtypes and layouts, else ``foreach``. ``ext`` takes any
+dense, non-overlapping layout (contiguous, channels_last, ...) that teacher and student share, and
+lists mixing float32/float16/bfloat16 (one extension call per dtype).
 """
 from __future__ import annotations
 
@@ -55,7 +57,42 @@ def _check(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], alp
                 f"student {tuple(s.shape)} {s.dtype} {s.device}")
 
 
-def _resolve(backend: str, teacher: Sequence[torch.Tensor]) -> str:
+def _check_ext(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> None:
+    """What the extension checks besides shapes: dtypes it supports, one device, shared dense layouts."""
+    devices = {t.device for t in teacher}
+    if len(devices) > 1:
+        raise ValueError(f"ema_update_: tensors on several devices {sorted(map(str, devices))}")
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        if t.dtype not in _EXT_DTYPES:
+            raise ValueError(f"ema_update_: tensor {i} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        if not same_dense_layout(t, s):
+            raise ValueError(f"ema_update_: tensor {i} must be dense (no gaps, no overlaps) with the same "
+                             f"memory layout in teacher and student (teacher strides {t.stride()}, "
+                             f"student strides {s.stride()})")
+
+
+def same_dense_layout(t: torch.Tensor, s: torch.Tensor) -> bool:
+    """True when ``t`` and ``s`` are dense and non-overlapping with one memory layout (the
+    extension walks ``numel`` elements from the data pointer); strides of size-1 dims are free."""
+    if t.shape != s.shape or not _dense(t):
+        return False
+    return all(n <= 1 or a == b for n, a, b in zip(t.shape, t.stride(), s.stride()))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the strides, sorted, are those of some permutation of the
+    shape laid out contiguously (size-1 dims ignored), so the elements fill numel() slots."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _resolve(backend: str, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> str:
     if backend not in EMA_BACKENDS:
         raise ValueError(f"unknown EMA backend {backend!r}; expected one of {EMA_BACKENDS}")
     if backend == "ext" and load_extension() is None:
@@ -68,8 +105,8 @@ def _resolve(backend: str, teacher: Sequence[torch.Tensor]) -> str:
     devices = {t.device for t in teacher}
     dtypes = {t.dtype for t in teacher}
     one_device_ok = len(devices) <= 1 and all(ext_supports(d) for d in devices)
-    contiguous = all(t.is_contiguous() for t in teacher)
-    return "ext" if one_device_ok and contiguous and dtypes <= set(_EXT_DTYPES) else "foreach"
+    layouts_ok = all(same_dense_layout(t, s) for t, s in zip(teacher, student))
+    return "ext" if one_device_ok and layouts_ok and dtypes <= set(_EXT_DTYPES) else "foreach"
 
 
 @torch.no_grad()
@@ -79,13 +116,20 @@ def ema_update_(
     """Update every teacher tensor in place; returns the name of the backend that ran.
 
     Nothing is written when the inputs are invalid (lengths, shapes, dtypes, devices, and for
-    ``ext`` contiguity and dtype in float32/float16/bfloat16).
+    ``ext`` dense layouts shared by teacher and student and dtypes in float32/float16/bfloat16).
     """
     teacher, student = list(teacher), list(student)
-    name = _resolve(backend, teacher)
+    name = _resolve(backend, teacher, student)
     _check(teacher, student, alpha)
     if name == "ext":
-        load_extension().ema_update_(teacher, student, float(alpha))
+        ext = load_extension()
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(teacher):
+            groups.setdefault(t.dtype, []).append(i)
+        if len(groups) > 1:  # one extension call per dtype: check every group before any writes
+            _check_ext(teacher, student)
+        for idx in groups.values():
+            ext.ema_update_([teacher[i] for i in idx], [student[i] for i in idx], float(alpha))
     elif name == "loop":
         for t, s in zip(teacher, student):
             t.mul_(alpha).add_(s, alpha=1.0 - alpha)

@@ -1,10 +1,14 @@
-"""Public loss ops with backend dispatch (``auto`` | ``torch`` | ``triton``)."""
+"""Public loss ops with backend dispatch (``auto`` | ``torch`` | ``triton``).
+
+Every op runs with autocast switched off (:func:`~fastmmt.ops._dispatch.float32_region`): it
+computes in float32 on any input dtype, inside or outside an autocast region.
+"""
 from __future__ import annotations
 
 import torch
 
 from fastmmt.ops import reference as ref
-from fastmmt.ops._dispatch import resolve_backend
+from fastmmt.ops._dispatch import float32_region, resolve_backend
 
 
 def _triton():
@@ -13,6 +17,7 @@ def _triton():
     return triton_ops
 
 
+@float32_region
 def cross_entropy_label_smooth(
     logits: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1, backend: str = "auto"
 ) -> torch.Tensor:
@@ -22,6 +27,7 @@ def cross_entropy_label_smooth(
     return ref.cross_entropy_label_smooth(logits, labels, epsilon)
 
 
+@float32_region
 def soft_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Soft cross-entropy of the student against the (detached) teacher's softmax."""
     if resolve_backend(backend, student_logits) == "triton":
@@ -29,6 +35,7 @@ def soft_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, bac
     return ref.soft_entropy(student_logits, teacher_logits)
 
 
+@float32_region
 def pairwise_euclidean(x: torch.Tensor, y: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Pairwise Euclidean distances ``sqrt(clamp(|a|^2+|b|^2-2ab, 1e-12))``."""
     if resolve_backend(backend, x) == "triton":
@@ -36,6 +43,7 @@ def pairwise_euclidean(x: torch.Tensor, y: torch.Tensor | None = None, backend: 
     return ref.pairwise_euclidean(x, y)
 
 
+@float32_region
 def softmax_triplet_loss(features: torch.Tensor, labels: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Hard softmax-triplet (margin 0) with batch-hard mining on the features' own distances."""
     if resolve_backend(backend, features) == "triton":
@@ -43,6 +51,7 @@ def softmax_triplet_loss(features: torch.Tensor, labels: torch.Tensor, backend: 
     return ref.softmax_triplet_loss(features, labels)
 
 
+@float32_region
 def soft_softmax_triplet_loss(
     student_features: torch.Tensor, teacher_features: torch.Tensor, labels: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
@@ -52,6 +61,7 @@ def soft_softmax_triplet_loss(
     return ref.soft_softmax_triplet_loss(student_features, teacher_features, labels)
 
 
+@float32_region
 def triplet_pair_losses(
     student_features: torch.Tensor, teacher_features: torch.Tensor, labels: torch.Tensor, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +71,7 @@ def triplet_pair_losses(
     return ref.triplet_pair_losses(student_features, teacher_features, labels)
 
 
+@float32_region
 def logits_pair_losses(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
     epsilon: float = 0.1, backend: str = "auto",

@@ -25,12 +25,14 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def cross_entropy_label_smooth(logits: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1) -> torch.Tensor:
-    """Label-smoothed cross-entropy: targets (1 - eps) one-hot + eps / K, mean over rows."""
+def cross_entropy_label_smooth(logits: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1,
+                               num_classes: int | None = None) -> torch.Tensor:
+    """Label-smoothed cross-entropy: targets (1 - eps) one-hot + eps / C, mean over rows
+    (C = ``num_classes``, by default the K columns)."""
     logp = F.log_softmax(logits.to(_compute_dtype(logits)), dim=1)
-    k = logits.shape[1]
+    c = logits.shape[1] if num_classes is None else num_classes
     nll = -logp.gather(1, labels.view(-1, 1)).squeeze(1)
-    return ((1.0 - epsilon) * nll - (epsilon / k) * logp.sum(1)).mean()
+    return ((1.0 - epsilon) * nll - (epsilon / c) * logp.sum(1)).mean()
 
 
 def logits_pair_losses(
@@ -112,14 +114,21 @@ def _mined_student(dist: torch.Tensor, m: Mining) -> tuple[torch.Tensor, torch.T
     return dist.gather(1, m.ap_idx.view(-1, 1)).squeeze(1), dist.gather(1, m.an_idx.view(-1, 1)).squeeze(1)
 
 
-def teacher_pair_distances(teacher: torch.Tensor, m: Mining) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher distances at the student's mined pairs only (2 per row), detached."""
-    t = teacher.detach().to(_compute_dtype(teacher))
+def mined_pair_distances(x: torch.Tensor, m: Mining) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_ap, d_an): the rows' distances to their mined partners only (2 per row, O(N D)), the same
+    values and gradient as the distance matrix's entries there (diagonal exactly sqrt(1e-12))."""
+    t = x.to(_compute_dtype(x))
     rows = torch.arange(t.shape[0], device=t.device)
     sq = t.pow(2).sum(1)
-    t_ap = _pair_distance(t, t[m.ap_idx], sq, sq[m.ap_idx], m.ap_idx == rows)
-    t_an = _pair_distance(t, t[m.an_idx], sq, sq[m.an_idx], m.an_idx == rows)
-    return t_ap, t_an
+    # index_select copies whole rows (advanced indexing gathers element by element on CPU)
+    d_ap = _pair_distance(t, t.index_select(0, m.ap_idx), sq, sq[m.ap_idx], m.ap_idx == rows)
+    d_an = _pair_distance(t, t.index_select(0, m.an_idx), sq, sq[m.an_idx], m.an_idx == rows)
+    return d_ap, d_an
+
+
+def teacher_pair_distances(teacher: torch.Tensor, m: Mining) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher distances at the student's mined pairs only (2 per row), detached."""
+    return mined_pair_distances(teacher.detach(), m)
 
 
 def softmax_triplet_loss(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,8 @@ def _check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) ->
     return t
 
 
-def _check_labels(labels: torch.Tensor, n: int, device: torch.device, num_classes: int | None = None) -> torch.Tensor:
+def _check_labels(labels: torch.Tensor, n: int, device: torch.device, num_classes: int | None = None
+                  ) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dim() != 1 or labels.shape[0] != n:
@@ -62,10 +63,11 @@ def _grad_pair(g_a: torch.Tensor | None, g_b: torch.Tensor | None, like: torch.T
 
 class _LogitsPair(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, labels, epsilon):
-        out = logits.logits_forward(student, teacher, labels, epsilon)
+    def forward(ctx, student, teacher, labels, epsilon, num_classes=None):
+        out = logits.logits_forward(student, teacher, labels, epsilon, num_classes)
         ctx.save_for_backward(student, teacher, labels, out.lse)
         ctx.epsilon, ctx.has_teacher, ctx.has_labels = epsilon, teacher is not None, labels is not None
+        ctx.num_classes = num_classes
         means = out.row_losses.sum(1) / student.shape[0]
         return means[0], means[1]
 
@@ -75,23 +77,27 @@ class _LogitsPair(torch.autograd.Function):
         fwd = logits.LogitsForward(None, lse)
         grad = logits.logits_backward(student, teacher if ctx.has_teacher else None,
                                       labels if ctx.has_labels else None, fwd,
-                                      _grad_pair(g_ce, g_se, student), ctx.epsilon)
-        return grad, None, None, None
+                                      _grad_pair(g_ce, g_se, student), ctx.epsilon, ctx.num_classes)
+        return grad, None, None, None, None
 
 
 class _TripletPair(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student, teacher, labels):
-        out = triplet.triplet_forward(student, teacher, labels)
-        ctx.save_for_backward(student, out.ap_idx, out.an_idx, out.aux)
-        means = out.row_losses.sum(1) / student.shape[0]
-        return means[0], means[1]
+    """(hard, soft, ranked fraction) means; the last is not differentiable."""
 
     @staticmethod
-    def backward(ctx, g_hard, g_soft):
+    def forward(ctx, student, teacher, labels, hinge_margin=None, soft_weight=0.0):
+        out = triplet.triplet_forward(student, teacher, labels, hinge_margin, soft_weight)
+        ctx.save_for_backward(student, out.ap_idx, out.an_idx, out.aux)
+        hard, soft, ranked = (out.row_losses.sum(1) / student.shape[0]).unbind(0)
+        ctx.mark_non_differentiable(ranked)
+        return hard, soft, ranked
+
+    @staticmethod
+    def backward(ctx, g_hard, g_soft, _g_ranked):
         student, ap, an, aux = ctx.saved_tensors
         fwd = triplet.TripletForward(None, ap, an, aux)
-        return triplet.triplet_backward(student, fwd, _grad_pair(g_hard, g_soft, student)), None, None
+        grad = triplet.triplet_backward(student, fwd, _grad_pair(g_hard, g_soft, student))
+        return grad, None, None, None, None
 
 
 class _Pairwise(torch.autograd.Function):
@@ -119,10 +125,16 @@ def _logits_inputs(student_logits, teacher_logits, labels, name_s="student_logit
     return s, t, lab
 
 
-def cross_entropy_label_smooth(logits_: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1) -> torch.Tensor:
-    """Label-smoothed cross-entropy (targets ``(1-eps)`` one-hot + ``eps/K``), mean over rows."""
-    s, _, lab = _logits_inputs(logits_, None, labels, "logits")
-    return _LogitsPair.apply(s, None, lab, float(epsilon))[0]
+def cross_entropy_label_smooth(logits_: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1,
+                               num_classes: int | None = None, check_range: bool = True) -> torch.Tensor:
+    """Label-smoothed cross-entropy (targets ``(1-eps)`` one-hot + ``eps/C``), mean over rows.
+
+    ``num_classes`` C defaults to the K columns. ``check_range=False`` skips the host-synchronising
+    label-range check; a label outside [0, K) then makes the loss NaN instead of raising.
+    """
+    s = _check_matrix("logits", logits_)
+    lab = _check_labels(labels, s.shape[0], s.device, s.shape[1] if check_range else None)
+    return _LogitsPair.apply(s, None, lab, float(epsilon), num_classes)[0]
 
 
 def soft_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -162,6 +174,23 @@ def softmax_triplet_loss(features: torch.Tensor, labels: torch.Tensor) -> torch.
     return _TripletPair.apply(s, None, lab)[0]
 
 
+def margin_triplet_loss(features: torch.Tensor, labels: torch.Tensor, margin: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch-hard ``mean max(d_ap - d_an + margin, 0)``, fraction of rows with d_an > d_ap), one launch."""
+    s, _, lab = _triplet_inputs(features, None, labels)
+    hard, _, ranked = _TripletPair.apply(s, None, lab, float(margin), 0.0)
+    return hard, ranked
+
+
+def margin_softmax_triplet_loss(features: torch.Tensor, labels: torch.Tensor, margin: float
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``mean(-margin log p_ap - (1 - margin) log p_an)`` over the softmax of (d_ap, d_an), ranked
+    fraction), one launch; margin 0 is the hard softmax-triplet."""
+    s, _, lab = _triplet_inputs(features, None, labels)
+    _, soft, ranked = _TripletPair.apply(s, None, lab, None, float(margin))
+    return soft, ranked
+
+
 def soft_softmax_triplet_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Soft softmax-triplet: the teacher's distances at the student-mined pairs give the target."""
     s, t, lab = _triplet_inputs(student, teacher, labels)
@@ -172,4 +201,5 @@ def triplet_pair_losses(student: torch.Tensor, teacher: torch.Tensor, labels: to
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(hard, soft) softmax-triplet terms from one fused launch (one mining for both)."""
     s, t, lab = _triplet_inputs(student, teacher, labels)
-    return _TripletPair.apply(s, t, lab)
+    hard, soft, _ = _TripletPair.apply(s, t, lab)
+    return hard, soft

@@ -83,7 +83,7 @@ class RunOptions:
 
     out_dir: str = "runs/mmt"
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    amp: str | None = None            # None | bf16 | fp16
+    amp: str | None = None            # None | bf16 (fp16 is refused: no gradient scaler)
     bn_split: int = 0                 # BN statistics over sub-batches of this size (0 = whole batch)
     sync_bn: bool = False             # distributed: SyncBatchNorm (CUDA) instead of per-rank BN
     on_nonfinite: str = "stop"        # NaN/inf loss: stop the run, or skip the step (refused either way)

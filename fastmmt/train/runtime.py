@@ -19,18 +19,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-_AMP = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_AMP = {None: None, "none": None, "bf16": torch.bfloat16}
+# fp16 needs a GradScaler (small gradients underflow in fp16) and the trainers have none; bf16 has
+# float32's exponent range and needs no scaling.
+FP16_REFUSED = ("amp='fp16' is not supported: fp16 training needs gradient scaling, which the "
+                "trainers do not do (small gradients would underflow to zero); use amp='bf16'")
 
 
 def autocast(device: torch.device, amp: str | None):
-    """Autocast context for ``amp`` (None | bf16 | fp16); fp16 only on CUDA."""
+    """Autocast context for ``amp`` (None | bf16); fp16 is refused (see FP16_REFUSED)."""
+    if amp == "fp16":
+        raise ValueError(FP16_REFUSED)
     if amp not in _AMP:
-        raise ValueError(f"amp must be one of None, 'bf16', 'fp16'; got {amp!r}")
+        raise ValueError(f"amp must be one of None, 'bf16'; got {amp!r}")
     dtype = _AMP[amp]
     if dtype is None:
         return contextlib.nullcontext()
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' on the CPU")
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

@@ -1,0 +1,64 @@
+"""The losses compute distances (and everything else) in float32 under any autocast.
+
+Under autocast ``xs @ ys.t()`` runs in bf16/fp16 even after ``.to(float32)``; the distance
+expansion |a|^2 + |b|^2 - 2ab then cancels (|a|^2 ~ 2e3 for pooled ResNet-50 features, bf16 keeps
+~3 significant digits) and mining, losses and gradients are wrong. The ops switch autocast off
+around themselves, so under CPU bf16 autocast every MMT term of float32 inputs must stay within
+1e-3 relative of the float64 value (float32 arithmetic is ~1e-6 off; bf16 was ~0.4 off).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmmt.ops import mmt_loss, pairwise_euclidean
+
+TERMS = ("total", "ce", "tri", "soft_ce", "soft_tri")
+
+
+def _pooled_like(n_ids: int, per_id: int, d: int, k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Non-negative features like ReLU + average pooled ResNet-50 outputs: a large shared part
+    (|x|^2 ~ 0.3 D), small per-identity offsets and per-image noise of the same size, so mining
+    is not trivial and the losses are O(1); logits of a K-way classifier; P x K labels."""
+    n = n_ids * per_id
+    labels = torch.arange(n_ids).repeat_interleave(per_id)
+    shared = torch.rand(d, generator=gen)
+    offsets = 0.05 * torch.randn(n_ids, d, generator=gen)
+    feats = {name: (shared + offsets[labels] + 0.05 * torch.randn(n, d, generator=gen)).relu()
+             for name in ("f1", "f2", "f1_t", "f2_t")}
+    logits = {name: torch.randn(n, k, generator=gen) * 3 for name in ("p1", "p2", "p1_t", "p2_t")}
+    return {**feats, **logits, "labels": labels}
+
+
+def _run(inputs: dict[str, torch.Tensor], backend: str, dtype: torch.dtype, autocast: bool):
+    args = {k: (v.detach().to(dtype, copy=True).requires_grad_() if v.is_floating_point() else v)
+            for k, v in inputs.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = mmt_loss(**{k: args[k] for k in args}, backend=backend)
+    out.total.backward()
+    return out, {k: args[k].grad for k in ("f1", "f2", "p1", "p2")}
+
+
+@pytest.mark.parametrize("backend,d", [("torch", 2048), ("triton", 129)])
+def test_mmt_loss_under_bf16_autocast_matches_float64(backend, d, gen):
+    """16 identities x 4 images; torch at ResNet-50's D=2048, triton (interpreter) at a cheap D."""
+    inputs = _pooled_like(16, 4, d, 100, gen)
+    out, grads = _run(inputs, backend, torch.float32, autocast=True)
+    ref, ref_grads = _run(inputs, "torch", torch.float64, autocast=False)
+    for name in TERMS:
+        got, want = getattr(out, name), getattr(ref, name)
+        assert got.dtype == torch.float32, name
+        rel = ((got.double() - want) / want).abs().item()
+        assert rel <= 1e-3, f"{name}: relative error {rel:.3g} under bf16 autocast"
+    for name, g in grads.items():
+        scale = ref_grads[name].abs().max()
+        assert ((g.double() - ref_grads[name]).abs().max() / scale).item() <= 1e-3, name
+
+
+def test_pairwise_euclidean_under_bf16_autocast(gen):
+    x = _pooled_like(16, 4, 2048, 2, gen)["f1"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = pairwise_euclidean(x, backend="torch")
+    d64 = pairwise_euclidean(x.double(), backend="torch")
+    assert d.dtype == torch.float32
+    torch.testing.assert_close(d.double(), d64, rtol=1e-5, atol=1e-5 * d64.max().item())
