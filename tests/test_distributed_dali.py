@@ -39,10 +39,9 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 RUNS = ("torch:0", "dali:0", "torch:1", "dali:1")  # backend : data.augment
 
 SCRIPT = """
-import sys
+import importlib, importlib.util, sys
 from pathlib import Path
 import torch, torch.distributed as dist
-import fastmmt.train.common as common
 import fastmmt.train.mmt as mmt
 from fastmmt.cli.config import load_options
 from fastmmt.data import load_dataset
@@ -50,7 +49,11 @@ from fastmmt.train.distributed import cleanup
 
 cfg, target_root, out, runs, *inits = sys.argv[1:]
 trace = {}
-real_state, real_train, real_test = mmt._epoch_state, mmt.build_train_loader, common.build_test_loader
+real_state, real_train = mmt._epoch_state, mmt.build_train_loader
+# the trainer's modules that build extraction loaders
+extractors = [m for m in (importlib.import_module(f"fastmmt.train.{n}") for n in ("common", "extraction")
+                          if importlib.util.find_spec(f"fastmmt.train.{n}")) if hasattr(m, "build_test_loader")]
+real_test = extractors[0].build_test_loader
 
 def dumping(epoch, st, nets, labels, clusterer):
     state = real_state(epoch, st, nets, labels, clusterer)
@@ -73,7 +76,9 @@ def test_loader(*args, **kwargs):
     trace["test_loaders"].append(type(loader).__name__)
     return loader
 
-mmt._epoch_state, mmt.build_train_loader, common.build_test_loader = dumping, train_loader, test_loader
+mmt._epoch_state, mmt.build_train_loader = dumping, train_loader
+for m in extractors:
+    m.build_test_loader = test_loader
 target = load_dataset("synthetic", target_root)
 for run in runs.split(","):
     backend, augment = run.split(":")
