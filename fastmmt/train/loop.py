@@ -133,6 +133,9 @@ class HostMeter:
         self._window = w
         if not bool(out[FINITE]):  # the step already refused it (and, under stop, raised)
             w["bad"] += 1
+            for k in out:
+                if k != FINITE:
+                    w["sums"].setdefault(k, 0.0)
             return
         w["finite"] += 1
         for k, v in out.items():
