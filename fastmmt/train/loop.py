@@ -193,8 +193,10 @@ def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState) -> tuple[di
         meter.add(it, out)
         applied = meter.done + (0 if sync else it + 1 - first_it)
         if sync:
-            meter.read()
+            w = meter.read()
             applied = meter.done
+            if w["finite"]:
+                bar.set_postfix(loss=f"{w['sums']['loss']:.3f}")
         elif (it + 1) % every == 0 or it + 1 == stage.iters:
             w = meter.read()
             _check_window(w, first_it, it, r.on_nonfinite, describe, every)
