@@ -227,3 +227,23 @@ def test_dali_gpu_same_batches_with_and_without_cache(dataset):
     cached = DaliTrainLoader(dataset, labels, H, W, decoded_cache=cache, **kw)
     for epoch in (0, 1):
         assert_same_batches(list(cached.epoch(epoch, 4)), list(plain.epoch(epoch, 4)))
+
+
+def test_gpu_graphs_with_decoded_input_are_defined_without_a_gpu():
+    """No CUDA driver here: DALI defines and serialises the GPU graphs fed from the cache (no
+    decoder; the stored images move to the GPU before the resize) and the filling graph
+    (nvJPEG ``mixed``)."""
+    from fastmmt.data.dali_ops import decode_pipeline, test_pipeline, train_pipeline
+    from fastmmt.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from test_dali_pipeline import op_devices
+
+    kw = dict(batch_size=8, height=H, width=W, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="gpu")
+    for pipe in (train_pipeline(lambda: None, num_views=2, pad=10, erase_fill=IMAGENET_MEAN, decoded=True, **kw),
+                 test_pipeline(lambda: None, decoded=True, **kw)):
+        ops = op_devices(pipe.serialize())
+        names = [n for n, _ in ops]
+        assert "decoders__Image" not in names  # nothing is decoded
+        assert ("Resize", "gpu") in ops and ("ExternalSource", "cpu") in ops  # host cache, GPU ops
+        assert {d for n, d in ops if n != "ExternalSource"} == {"gpu"}
+    fill = op_devices(decode_pipeline(lambda: None, batch_size=8, device="gpu").serialize())
+    assert ("decoders__Image", "mixed") in fill
