@@ -18,10 +18,12 @@ from fastmmt.train import distributed as ddp
 from fastmmt.train.checkpoint import atomic_save
 from fastmmt.train.common import (
     adam,
+    adam_impl,
     check_label_range,
     compile_backbones,
     evaluate,
     make_model,
+    refuse_if_not_finite,
     step_is_finite,
     to_device,
 )
@@ -41,8 +43,9 @@ def pretrain_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optim
     """One pre-training step; returns its loss terms (and accuracy) as device tensors.
 
     ``net`` is ``model`` as trained (DDP-wrapped under torchrun). Without ``run.sync_each_step``
-    the step reads nothing on the host: a non-finite loss reaches the fused optimiser as its
-    ``found_inf`` flag (nothing is updated) and the runner reads the flag at the next log point.
+    the step reads nothing on the host: the runner reads the finite flag at the next log point
+    (``stop`` ends the run there; under ``skip`` the flag reaches the fused optimiser as its
+    ``found_inf`` and nothing is updated).
     The target batch (BN adaptation) is forwarded after the update, on the updated weights.
     """
     p, m, r = opts.pretrain, opts.model, opts.run
@@ -64,7 +67,7 @@ def pretrain_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optim
         ok = torch.tensor(True)
     else:
         ok = finite_flag(loss, ctx)
-        optimizer.found_inf = (~ok).to(torch.float32)
+        refuse_if_not_finite(optimizer, ok)
     optimizer.zero_grad(set_to_none=True)
     (loss * ctx.world_size).backward()  # DDP averages: the gradient of the global loss
     optimizer.step()
@@ -88,7 +91,7 @@ class _Pretrain:
         if r.sync_bn:
             (model,) = ddp.convert_sync_bn([model], rt.ctx)
         self.model = model
-        self.optimizer = adam([model], p.lr, p.weight_decay, fused=not r.sync_each_step)
+        self.optimizer = adam([model], p.lr, p.weight_decay, adam_impl(r))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda e: warmup_multistep_factor(e, p.milestones, p.gamma, p.warmup_factor, p.warmup_epochs))
@@ -137,8 +140,8 @@ class _Pretrain:
         tb = next(self._tgt_iter) if self._tgt_iter is not None else None
         return pretrain_step(self.net, self.model, self.optimizer, batch, tb, self.opts, self.rt, where)
 
-    def describe(self, epoch: int, it: int, global_step: int, batch: TrainBatch | None) -> str:
-        imgs = f" (images {batch.indices[:4].tolist()}...)" if batch is not None else ""
+    def describe(self, epoch: int, it: int, global_step: int, indices: torch.Tensor | None) -> str:
+        imgs = f" (images {indices[:4].tolist()}...)" if indices is not None else ""
         return f"pre-training epoch {epoch} iteration {it}{imgs}"
 
     def end_epoch(self, epoch: int, record: dict) -> None:
