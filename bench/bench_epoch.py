@@ -19,7 +19,8 @@ loaders built) by phase: extract, cluster, train, evaluate. Variants:
   and backward and both teachers forward, evaluation forwards of both teachers over query and
   gallery), no data loading, clustering, mining, loss, optimiser or EMA.
 ``run.bn_split`` is 16 in every variant (the reference's 16 images per GPU for BN statistics)
-so the split-BN switch has work to do; ``FASTMMT_BENCH_BN_SPLIT=0`` turns it off.
+so the split-BN switch has work to do; ``FASTMMT_BENCH_BN_SPLIT=0`` turns it off, and
+``FASTMMT_BENCH_FUSED_BN=0`` keeps the per-chunk loop (the CPU default) in the ``on`` run.
 
 The last test prints the table (per phase, plus "other" = the epoch's wall time outside the
 phases: classifiers, optimiser, checkpoint, log; and "wall" = the whole epoch: off, on, floor;
@@ -50,6 +51,7 @@ from fastmmt.train.options import ExperimentOptions
 SIZE = os.environ.get("FASTMMT_BENCH_EPOCH_SIZE", "full")
 COMPILE = os.environ.get("FASTMMT_BENCH_COMPILE", "0") == "1"
 BN_SPLIT = int(os.environ.get("FASTMMT_BENCH_BN_SPLIT", "16"))
+FUSED_BN = os.environ.get("FASTMMT_BENCH_FUSED_BN", "1") == "1"
 R50_ITERS = int(os.environ.get("FASTMMT_BENCH_R50_ITERS", "4"))
 EPOCHS = 2  # the second epoch is reported
 
@@ -57,7 +59,7 @@ EPOCHS = 2  # the second epoch is reported
 OFF = {("data", "decode_cache"): False, ("data", "persistent_loaders"): False,
        ("run", "sync_each_step"): True, ("run", "fused_bn_split"): False, ("run", "compile"): False}
 ON = {("data", "decode_cache"): True, ("data", "persistent_loaders"): True,
-      ("run", "sync_each_step"): False, ("run", "fused_bn_split"): True, ("run", "compile"): COMPILE}
+      ("run", "sync_each_step"): False, ("run", "fused_bn_split"): FUSED_BN, ("run", "compile"): COMPILE}
 
 # shape -> (arch, base_width, height, width, iterations, k, target ids, target test ids, images per id)
 SHAPES = {
@@ -135,7 +137,7 @@ def run_floor(shape: str, target) -> dict[str, float]:
     o = options(shape, ON, root / "floor")
     dev = torch.device("cpu")
     torch.manual_seed(0)
-    students = [make_model(o.model, k, dev, o.run.bn_split, fused_bn_split=True) for _ in range(2)]
+    students = [make_model(o.model, k, dev, o.run.bn_split, fused_bn_split=o.run.fused_bn_split) for _ in range(2)]
     teachers = [copy.deepcopy(s) for s in students]
     for t in teachers:
         t.requires_grad_(False)
@@ -206,5 +208,6 @@ def test_report():
     if SIZE == "tiny":
         return  # a smoke run: nothing to keep
     out = Path(__file__).parent / "results" / "epoch.json"
-    out.write_text(json.dumps({"size": SIZE, "compile": COMPILE, "bn_split": BN_SPLIT, "results": RESULTS,
+    out.write_text(json.dumps({"size": SIZE, "compile": COMPILE, "bn_split": BN_SPLIT, "fused_bn": FUSED_BN,
+                               "results": RESULTS,
                                "threads": torch.get_num_threads()}, indent=2))
