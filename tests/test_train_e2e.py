@@ -222,8 +222,10 @@ def test_fast_step_changes_no_number(domains, pretrained, monkeypatch, tmp_path,
 def test_one_pass_split_bn_step_changes_only_rounding(pretrained, gen):
     """``run.fused_bn_split`` on the real MMT step: the four networks from the pre-trained files
     with the one-pass split BN vs the chunk loop (``run.bn_split`` 8 of 16), one batch, the MMT
-    loss (torch backend): the loss terms agree to 1e-6 relative and every gradient to float32
-    rounding (rtol 1e-3 of its tensor's largest value): the statistics are summed in another order.
+    loss (torch backend): the statistics are summed in another order, so the loss terms agree to
+    float32 rounding carried through the network: relative 4e-6, about 32 float32 ulps (measured
+    up to 6e-7 over 6 seeds; the triplet distances lose digits to cancellation between squared
+    norms), and every gradient to 1e-4 of its tensor's largest value (measured up to 1.4e-5).
 
     Not claimed: equal weights after several steps. Adam's first steps are close to
     ``lr * sign(gradient)``, so an element whose gradient is near 0 can move by up to ``2 * lr``
@@ -255,8 +257,8 @@ def test_one_pass_split_bn_step_changes_only_rounding(pretrained, gen):
         grads = {n: q.grad.clone() for s in (s1, s2) for n, q in s.named_parameters() if q.grad is not None}
         res[fused] = ([float(v.detach()) for v in out], grads, t1.state_dict()["backbone.bn1.running_var"].clone())
     (la, ga, ra), (lb, gb, rb) = res[False], res[True]
-    assert la == pytest.approx(lb, rel=1e-6)
+    assert la == pytest.approx(lb, rel=4e-6)
     assert len(ga) == len(gb) > 40
     for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=1e-3 * float(ga[n].abs().max()) + 1e-7, msg=n)
+        torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=1e-4 * float(ga[n].abs().max()) + 1e-8, msg=n)
     torch.testing.assert_close(rb, ra, rtol=1e-5, atol=1e-6)
