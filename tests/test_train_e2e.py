@@ -184,6 +184,7 @@ def _switch_runs(target, inits, out, tmp_path, monkeypatch, bn_split):
         o.run.loss_backend, o.run.deterministic, o.run.num_threads, o.run.eval_every = "torch", True, 1, 0
         o.run.bn_split = bn_split
         o.run.sync_each_step = not on
+        o.data.decode_cache = o.data.persistent_loaders = on  # the data side's switches (decode once, loaders once)
         run_name[0] = name
         adapt(target, inits, o, tmp_path / name)
         nets[name] = torch.load(tmp_path / name / "ckpt" / "last.pt", weights_only=False)["nets"]

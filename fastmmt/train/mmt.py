@@ -37,12 +37,11 @@ from fastmmt.train.common import (
     adam_impl,
     check_label_range,
     compile_backbones,
-    evaluate,
-    extract,
     refuse_if_not_finite,
     step_is_finite,
     to_device,
 )
+from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, finite_flag, run_epochs
 from fastmmt.train.model_file import StageResult, load_model_file, model_file
@@ -210,6 +209,10 @@ class _Adapt:
             self.clusterer = build_clusterer("kmeans", k=a.k, seed=r.seed, backend=a.cluster_backend,
                                              num_threads=r.num_threads)
         self.records = target.train
+        # decode the target's images once (data.decode_cache) and build its extraction loaders once
+        # (data.persistent_loaders): same features and batches as without, only faster
+        self.decoded_cache = make_decoded_cache(target, d)
+        self.extraction = RunExtraction(target, d, r, opts.model, rt.device, rt.ctx, self.decoded_cache)
         self.true_ids = np.array([x.pid for x in self.records])  # for the logged diagnostic only
         self.true_cams = np.array([x.camid for x in self.records])
         self.eval_net = self.teachers[0] if self.mmt else self.students[0]
@@ -244,12 +247,12 @@ class _Adapt:
 
     def begin_epoch(self, epoch: int, st: RunState) -> dict:
         """Steps 1-4: features, clusters, classifiers, a fresh optimiser (and the epoch's labels)."""
-        a, d, m, r = self.opts.adapt, self.opts.data, self.opts.model, self.opts.run
+        a, d, r = self.opts.adapt, self.opts.data, self.opts.run
         ctx, device = self.rt.ctx, self.rt.device
         times = {}
         # 1. features of the target training set from the teachers (the student for one model)
         t0 = time.perf_counter()
-        feats = [extract(net, self.records, d, r, device, m, f"extract ep{epoch}", ctx)
+        feats = [self.extraction.features(net, "train", f"extract ep{epoch}")
                  for net in (self.teachers or self.students)]
         cf = torch.stack(feats).mean(0)
         if a.method == "dbscan":
@@ -272,7 +275,8 @@ class _Adapt:
             self.loader = build_train_loader(self.records, labels, d.height, d.width, batch_size=d.batch_size,
                                              num_instances=d.num_instances, num_views=2 if self.mmt else 1,
                                              workers=d.workers, seed=r.seed, erase=a.erase, backend=d.backend,
-                                             rank=ctx.rank, world_size=ctx.world_size)
+                                             rank=ctx.rank, world_size=ctx.world_size,
+                                             decoded_cache=self.decoded_cache)
         else:
             self.loader.set_labels(labels)
         if ctx.is_main:
@@ -307,8 +311,7 @@ class _Adapt:
         return {"T1": self.teachers[0], "T2": self.teachers[1]} if self.mmt else {"S1": self.students[0]}
 
     def evaluate(self, net: nn.Module) -> dict[str, float]:
-        o = self.opts
-        return evaluate(net, self.target, o.data, o.run, self.rt.device, o.model, self.rt.ctx)
+        return self.extraction.evaluate(net)
 
     def model_file(self, name: str, **extra) -> dict:
         net = self.eval_models()[name]
