@@ -161,16 +161,34 @@ def test_all_noise_dbscan(env, capsys):
 def test_config_unknown_key_and_wrong_type(env, capsys, tmp_path):
     _fails(env, capsys, _adapt(env, "run.on_nonfinit=skip"), "unknown key run.on_nonfinit", code=2)
     _fails(env, capsys, _adapt(env, "adapt.iters=lots"), "adapt.iters: expected an integer", code=2)
-    _fails(env, capsys, _adapt(env, "run.on_nonfinite=ignore"), "run.on_nonfinite must be one of")
+    # choices come from the library's own lists and are checked when the config loads (exit 2),
+    # not when the stage first uses them
+    _fails(env, capsys, _adapt(env, "run.on_nonfinite=ignore"),
+           "run.on_nonfinite = 'ignore' is not allowed; choose one of ['stop', 'skip']", code=2)
 
 
-def _nan_at(step: int, real):
+def test_unknown_cluster_backend_fails_when_the_config_loads(env, capsys, monkeypatch):
+    """``adapt.cluster_backend: torch`` used to pass the config check and fail only after epoch
+    0's extraction; now the config load refuses it, before any network is built."""
+    from fastmmt.cluster.kmeans import KMEANS_BACKENDS
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("extraction ran before the option was checked")
+    monkeypatch.setattr(common_mod, "extract_features", no_extraction)
+    monkeypatch.setattr("fastmmt.evaluation.extract.extract_features", no_extraction)  # MMT's FeatureExtractor
+    bad = "torch" if "torch" not in KMEANS_BACKENDS else "no-such-backend"
+    err = _fails(env, capsys, _adapt(env, f"adapt.cluster_backend={bad}"), "adapt.cluster_backend", code=2)
+    assert str(list(KMEANS_BACKENDS)) in err
+
+
+def _nan_at(step: int | set, real):
     calls = [0]
+    steps = step if isinstance(step, set) else {step}
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         calls[0] += 1
-        if calls[0] == step + 1:
+        if calls[0] - 1 in steps:
             return out._replace(total=out.total * float("nan"))
         return out
     return poisoned
@@ -196,13 +214,15 @@ def test_nonfinite_loss_skip_policy(env, monkeypatch, tmp_path):
 
 
 def test_nonfinite_features_stop(env, capsys, monkeypatch):
-    real = common_mod.extract_features
+    import fastmmt.evaluation.extract as extract_mod  # MMT extracts through FeatureExtractor
+
+    real = extract_mod.extract_features
 
     def nan_rows(*args, **kwargs):
         f, p, c = real(*args, **kwargs)
         f[2] = float("inf")
         return f, p, c
-    monkeypatch.setattr(common_mod, "extract_features", nan_rows)
+    monkeypatch.setattr(extract_mod, "extract_features", nan_rows)
     _fails(env, capsys, _adapt(env), "extract ep0: 1 of")
 
 
@@ -231,3 +251,21 @@ def test_disk_full_while_writing_a_checkpoint(env, capsys, monkeypatch, tmp_path
     assert torch.load(run / "ckpt" / "last.pt", weights_only=False)["epoch"] == 0  # previous one intact
     assert [json.loads(x)["epoch"] for x in (run / "log.jsonl").read_text().splitlines()] == [0]
     assert not list(run.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("sync_each_step", [False, True])
+def test_every_step_of_an_epoch_skipped(env, monkeypatch, tmp_path, sync_each_step):
+    """All steps refused (skip): the epoch's record has no loss means (None) instead of a division
+    by zero, counts every step as skipped, and nothing moved (the checkpoint holds the starting
+    students, global step 0)."""
+    monkeypatch.setattr(mmt_mod, "mmt_loss", _nan_at(set(range(100)), mmt_mod.mmt_loss))
+    o = tiny_options(tmp_path)
+    o.adapt.epochs, o.adapt.iters, o.run.eval_every, o.run.on_nonfinite = 1, 2, 0, "skip"
+    o.run.sync_each_step = sync_each_step
+    adapt(load_dataset("synthetic", env["tgt"]), env["inits"], o, tmp_path / "run")
+    rec = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert rec["skipped_steps"] == 2 and rec["global_step"] == 0
+    assert rec["loss"] is None and rec["loss_ce"] is None
+    ck = torch.load(tmp_path / "run" / "ckpt" / "last.pt", weights_only=False)
+    start = torch.load(env["inits"][0])["model"]
+    assert torch.equal(ck["nets"][0]["backbone.conv1.weight"], start["backbone.conv1.weight"])

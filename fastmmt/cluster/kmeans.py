@@ -5,6 +5,11 @@ k-means++ (:mod:`fastmmt.cluster.seeding`), runs FAISS's Lloyd iterations and ke
 ``nredo`` restarts; on a GPU (``faiss.get_num_gpus() > 0``) the assignment step runs on a
 ``GpuIndexFlatL2`` on the features' CUDA device (else torch's current device), with one
 ``StandardGpuResources`` per device for the whole process (each one reserves scratch memory).
+
+Features may be torch tensors on any device (or numpy arrays). Seeding, the final assignment
+(through FAISS's torch interop, ``faiss.contrib.torch_utils``) and the cluster means run where
+the features are; FAISS's Lloyd iterations (``faiss.Clustering.train``) read the points on the
+host even with a GPU index, so CUDA features are copied to the host once for them.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import functools
 import time
 
 import faiss
+import faiss.contrib.torch_utils  # noqa: F401 - FAISS indexes take torch tensors (CPU or CUDA)
 import numpy as np
 import torch
 
@@ -106,8 +112,8 @@ def kmeans(
                 best = (obj, faiss.vector_float_to_array(clus.centroids).reshape(int(k), d))
         index.reset()
         index.add(best[1])
-        _, assign = index.search(xs, 1)
-    labels, num_empty = _compact(assign[:, 0].astype(np.int64), int(k))
+        _, assign = index.search(_index_input(x, backend), 1)
+    labels, num_empty = _compact(assign[:, 0].cpu().numpy().astype(np.int64), int(k))
     num_clusters = int(k) - num_empty
     means = cluster_means(x, labels, num_clusters)
     diff = x.to(torch.float64) - means.to(x.device, torch.float64)[torch.as_tensor(labels, device=x.device)]
@@ -117,6 +123,14 @@ def kmeans(
     if device is not None:
         info["gpu_device"] = device
     return ClusterResult(labels=labels, centroids=means, num_clusters=num_clusters, info=info)
+
+
+def _index_input(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``x`` as FAISS's torch interop takes it: float32 and contiguous; CUDA features stay on
+    their device for a GPU index (which also takes host memory), anything else goes to the CPU.
+    No copy when ``x`` is already so."""
+    device = x.device if backend == "faiss-gpu" and x.is_cuda else torch.device("cpu")
+    return x.detach().to(device=device, dtype=torch.float32).contiguous()
 
 
 def _lloyd(x: torch.Tensor, xs: np.ndarray, k: int, seed: int, niter: int, init: str,

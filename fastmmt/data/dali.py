@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from fastmmt.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, batch_views, loader_spec
-from fastmmt.data.dali_ops import require_dali, test_pipeline, train_pipeline, view_columns
+from fastmmt.data.dali_ops import decode_pipeline, require_dali, test_pipeline, train_pipeline, view_columns
+from fastmmt.data.decoded_cache import DecodedCacheError, DecodedImageCache
 from fastmmt.data.loaders import TrainBatch
 from fastmmt.data.records import ImageReadError, ImageRecord
 from fastmmt.data.sampler import BatchPlanner
@@ -218,6 +219,11 @@ def _to_torch(tensor_list, device: torch.device, channels_last: bool = False) ->
     return out.permute(0, 3, 1, 2) if channels_last else out
 
 
+def dali_decoder(device: str | None = None) -> str:
+    """The decoder a DALI loader on ``device`` uses, as a decoded-image cache names it."""
+    return f"dali-{_resolve_device(device)}"
+
+
 def _resolve_device(device: str | None) -> str:
     if device is None:
         return "gpu" if torch.cuda.is_available() else "cpu"
@@ -229,10 +235,19 @@ def _resolve_device(device: str | None) -> str:
 
 
 class _DaliLoaderBase:
-    """Device choice, the bytes store, the error policy and the pipeline runner."""
+    """Device choice, the bytes store, the decoded-image cache, the error policy and the
+    pipeline runner.
+
+    With a ``decoded_cache`` (made for this loader's decoder, :func:`dali_decoder`), the first
+    pass decodes every image not yet stored once, with the same DALI decoder as the graphs
+    (:func:`~fastmmt.data.dali_ops.decode_pipeline`), and the graphs take the decoded images
+    from then on: every later pass decodes nothing and its images are unchanged. The cache
+    lives in host memory; on a GPU the stored images are copied to the device in the graph.
+    """
 
     def __init__(self, records: Sequence[ImageRecord], workers: int, on_error: str, device: str | None,
-                 device_id: int | None, channels_last: bool, cache: bool) -> None:
+                 device_id: int | None, channels_last: bool, cache: bool,
+                 decoded_cache: DecodedImageCache | None = None) -> None:
         require_dali()
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
@@ -253,6 +268,65 @@ class _DaliLoaderBase:
         self.policy = ErrorPolicy(on_error)
         self.pids = np.array([r.pid for r in self.records], dtype=np.int64)
         self.camids = np.array([r.camid for r in self.records], dtype=np.int64)
+        self.decoded_cache = decoded_cache
+        if decoded_cache is not None:
+            decoded_cache.check_decoder(f"dali-{self.device}")
+            self._slots = decoded_cache.slots([r.path for r in self.records])
+
+    @property
+    def _decoded(self) -> bool:
+        return self.decoded_cache is not None
+
+    def _sample(self, i: int) -> np.ndarray:
+        """What the graph takes for image ``i``: its file bytes, or its decoded pixels from the
+        cache; ImageReadError (naming the path) if it is unreadable."""
+        if self.decoded_cache is None:
+            return self.images.get(i)
+        slot = int(self._slots[i])
+        if self.decoded_cache.has(slot):
+            return self.decoded_cache.get(slot).numpy()
+        self.images.get(i)  # raises for an image found unreadable while filling
+        raise RuntimeError(f"image {self.records[i].path!r} is readable but missing from the decoded-image "
+                           f"cache (the cache was not filled first)")
+
+    def _fill_decoded(self, batch_size: int) -> None:
+        """Decode the images not yet in the decoded-image cache once and store them. Unreadable
+        files are left out (recorded in ``images.bad``): a pass meets them as it would without
+        the cache, under the same ``on_error`` policy."""
+        cache = self.decoded_cache
+        if cache is None:
+            return
+        todo = np.array([i for i in range(len(self.records))
+                         if not cache.has(int(self._slots[i])) and i not in self.images.bad], dtype=np.int64)
+        if todo.size == 0:
+            return
+
+        def make(source: Callable[[], tuple]):
+            return decode_pipeline(source, batch_size=batch_size, device=self.device, num_threads=self.workers,
+                                   device_id=self._device_id, prefetch=2)
+
+        def repair(feeds: list[_Feed], err: Exception) -> list[_Feed]:
+            self._dali_error(feeds, err)
+            return [f for f in (self._readable_feed(f.indices) for f in feeds) if f is not None]
+
+        chunks = (self._readable_feed(todo[s:s + batch_size]) for s in range(0, len(todo), batch_size))
+        for _, outs in _PipelineRunner(make, repair).run(f for f in chunks if f is not None):
+            images = outs[1].as_cpu() if self.device == "gpu" else outs[1]
+            for k, i in enumerate(np.array(outs[0].as_tensor(), dtype=np.int64).tolist()):
+                if not cache.put(int(self._slots[i]), np.array(images.at(k))):
+                    raise DecodedCacheError(f"image {self.records[i].path!r} decodes to {np.array(images.at(k)).shape}, "
+                                            f"not the size its header announces: turn the decoded-image cache off")
+
+    def _readable_feed(self, indices: np.ndarray) -> _Feed | None:
+        """File bytes of the readable images among ``indices`` (the others are recorded bad)."""
+        keep, encoded = [], []
+        for i in indices.tolist():
+            try:
+                encoded.append(self.images.get(i))
+                keep.append(i)
+            except ImageReadError:
+                pass
+        return _Feed(np.array(keep, dtype=np.int64), encoded) if keep else None
 
     @property
     def skipped(self) -> int:
@@ -290,8 +364,8 @@ class DaliTrainLoader(_DaliLoaderBase):
                  seed: int = 0, erase: bool = True, rank: int = 0, world_size: int = 1, *,
                  augment: AugmentSpec | None = None, on_error: str = "fail", device: str | None = None,
                  device_id: int | None = None, channels_last: bool = False, cache: bool = False,
-                 prefetch: int = 2) -> None:
-        super().__init__(records, workers, on_error, device, device_id, channels_last, cache)
+                 prefetch: int = 2, decoded_cache: DecodedImageCache | None = None) -> None:
+        super().__init__(records, workers, on_error, device, device_id, channels_last, cache, decoded_cache)
         if num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {num_views}")
         self.spec = loader_spec(height, width, erase, augment)
@@ -304,7 +378,7 @@ class DaliTrainLoader(_DaliLoaderBase):
         return train_pipeline(source, batch_size=self.planner.share_size, spec=self.spec,
                               num_views=self.num_views, device=self.device, num_threads=self.workers,
                               device_id=self._device_id, channels_last=self.channels_last,
-                              prefetch=self._prefetch)
+                              prefetch=self._prefetch, decoded=self._decoded)
 
     @property
     def labels(self) -> np.ndarray:
@@ -336,7 +410,7 @@ class DaliTrainLoader(_DaliLoaderBase):
         for pos in range(len(indices)):
             while True:
                 try:
-                    encoded.append(self.images.get(int(indices[pos])))
+                    encoded.append(self._sample(int(indices[pos])))
                     break
                 except ImageReadError as err:
                     self.policy.handle(err)
@@ -368,6 +442,7 @@ class DaliTrainLoader(_DaliLoaderBase):
         plan = self.planner.plan(epoch, iters)
         if iters == 0:
             return
+        self._fill_decoded(self.planner.share_size)
         labels = torch.from_numpy(self.labels.copy())
         camids = torch.from_numpy(self.camids)
         rng = np.random.default_rng([self.seed, epoch, self.planner.rank])  # substitutes only
@@ -385,8 +460,8 @@ class DaliTestLoader(_DaliLoaderBase):
     def __init__(self, records: Sequence[ImageRecord], height: int, width: int, batch_size: int = 128,
                  workers: int = 2, *, on_error: str = "fail", device: str | None = None,
                  device_id: int | None = None, channels_last: bool = False, cache: bool = False,
-                 prefetch: int = 2) -> None:
-        super().__init__(records, workers, on_error, device, device_id, channels_last, cache)
+                 prefetch: int = 2, decoded_cache: DecodedImageCache | None = None) -> None:
+        super().__init__(records, workers, on_error, device, device_id, channels_last, cache, decoded_cache)
         if height <= 0 or width <= 0 or batch_size <= 0:
             raise ValueError(f"need positive height, width and batch_size, got {height}, {width}, "
                              f"{batch_size}")
@@ -398,7 +473,8 @@ class DaliTestLoader(_DaliLoaderBase):
         return test_pipeline(source, batch_size=self.batch_size, height=self.height, width=self.width,
                              mean=IMAGENET_MEAN, std=IMAGENET_STD, device=self.device,
                              num_threads=self.workers, device_id=self._device_id,
-                             channels_last=self.channels_last, prefetch=self._prefetch)
+                             channels_last=self.channels_last, prefetch=self._prefetch,
+                             decoded=self._decoded)
 
     def __len__(self) -> int:
         return -(-len(self.records) // self.batch_size)
@@ -407,7 +483,7 @@ class DaliTestLoader(_DaliLoaderBase):
         keep, encoded = [], []
         for i in indices.tolist():
             try:
-                encoded.append(self.images.get(i))
+                encoded.append(self._sample(i))
                 keep.append(i)
             except ImageReadError as err:
                 self.policy.handle(err)
@@ -418,6 +494,7 @@ class DaliTestLoader(_DaliLoaderBase):
         return [f for f in (self._feed(f.indices) for f in feeds) if f is not None]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self._fill_decoded(self.batch_size)
         order = np.arange(len(self.records), dtype=np.int64)
         chunks = (self._feed(order[s:s + self.batch_size]) for s in range(0, len(order), self.batch_size))
         pids, camids = torch.from_numpy(self.pids), torch.from_numpy(self.camids)

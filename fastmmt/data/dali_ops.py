@@ -59,11 +59,21 @@ def _check_device(device: str) -> None:
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
 
 
-def _decode_resize(encoded, device: str, height: int, width: int):
-    """Decode to RGB (grey and RGBA inputs too) and bicubic-resize to height x width."""
-    img = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu",
-                            output_type=types.RGB)
+def _decode(encoded, device: str):
+    """Decode file bytes to RGB uint8 HWC (grey and RGBA inputs too): nvJPEG ``mixed`` on a GPU."""
+    return fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+
+
+def _decode_resize(images, device: str, height: int, width: int, decoded: bool = False):
+    """Decode (unless ``decoded``: already RGB uint8 HWC from the decoded-image cache, moved to
+    the GPU for ``device="gpu"``) and bicubic-resize to height x width."""
+    img = (images.gpu() if device == "gpu" else images) if decoded else _decode(images, device)
     return fn.resize(img, size=(height, width), interp_type=types.INTERP_CUBIC, antialias=True)
+
+
+def _image_input(decoded: bool) -> tuple:
+    """dtype, ndim and layout of the image column of a feed: file bytes, or decoded HWC uint8."""
+    return (types.UINT8, 3, "HWC") if decoded else (types.UINT8, 1, "")
 
 
 def _normalize(img, mean: Sequence[float], std: Sequence[float], channels_last: bool, mirror=None):
@@ -76,12 +86,13 @@ def _normalize(img, mean: Sequence[float], std: Sequence[float], channels_last: 
 
 def train_pipeline(source: Callable[[], tuple], *, batch_size: int, spec: AugmentSpec, num_views: int,
                    device: str = "cpu", num_threads: int = 2, device_id: int | None = None,
-                   channels_last: bool = False, prefetch: int = 2) -> "Pipeline":
+                   channels_last: bool = False, prefetch: int = 2, decoded: bool = False) -> "Pipeline":
     """The training graph of ``spec``: decode once, then ``num_views`` independent augmented branches.
 
     ``source()`` returns one batch as ``(encoded, indices, *view columns)``: encoded file bytes
-    (uint8 1-D arrays), int64 indices (passed through to keep outputs aligned with the feed) and
-    :data:`VIEW_COLUMNS` per-sample arrays per view (:func:`view_columns`); it raises
+    (uint8 1-D arrays; with ``decoded``, the images already decoded, uint8 HWC), int64 indices
+    (passed through to keep outputs aligned with the feed) and :data:`VIEW_COLUMNS` per-sample
+    arrays per view (:func:`view_columns`); it raises
     StopIteration at the end of an epoch. Outputs: ``(indices, view_0, ..., view_{V-1})``.
     Per view: centred zero pad + crop in one ``fn.slice`` (out-of-bounds = 0), mirror and
     normalise in ``fn.crop_mirror_normalize``, then ``fn.erase`` with ``spec.erase_fill`` written
@@ -97,11 +108,14 @@ def train_pipeline(source: Callable[[], tuple], *, batch_size: int, spec: Augmen
                   prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True, exec_dynamic=EXEC_DYNAMIC)
     def graph():
         n_out = 2 + VIEW_COLUMNS * num_views
-        dtypes = [types.UINT8, types.INT64] + [types.INT32, types.FLOAT, types.FLOAT, types.FLOAT] * num_views
-        ndims = [1, 0] + [0, 1, 1, 1] * num_views
-        feeds = fn.external_source(source=source, num_outputs=n_out, batch=True, dtype=dtypes, ndim=ndims)
+        img_type, img_ndim, img_layout = _image_input(decoded)
+        dtypes = [img_type, types.INT64] + [types.INT32, types.FLOAT, types.FLOAT, types.FLOAT] * num_views
+        ndims = [img_ndim, 0] + [0, 1, 1, 1] * num_views
+        layouts = [img_layout] + [""] * (n_out - 1)
+        feeds = fn.external_source(source=source, num_outputs=n_out, batch=True, dtype=dtypes, ndim=ndims,
+                                   layout=layouts)
         encoded, indices = feeds[0], feeds[1]
-        img = _decode_resize(encoded, device, height, width)
+        img = _decode_resize(encoded, device, height, width, decoded)
         views = []
         for v in range(num_views):
             flip, start, e_anchor, e_shape = feeds[2 + VIEW_COLUMNS * v: 2 + VIEW_COLUMNS * (v + 1)]
@@ -119,9 +133,31 @@ def train_pipeline(source: Callable[[], tuple], *, batch_size: int, spec: Augmen
 def test_pipeline(source: Callable[[], tuple], *, batch_size: int, height: int, width: int,
                   mean: Sequence[float], std: Sequence[float], device: str = "cpu",
                   num_threads: int = 2, device_id: int | None = None, channels_last: bool = False,
-                  prefetch: int = 2) -> "Pipeline":
+                  prefetch: int = 2, decoded: bool = False) -> "Pipeline":
     """The extraction graph: decode, bicubic resize, normalise. ``source()`` returns
-    ``(encoded, indices)`` per batch (any size up to ``batch_size``); outputs ``(indices, images)``."""
+    ``(encoded, indices)`` per batch (any size up to ``batch_size``; ``decoded``: images already
+    decoded, uint8 HWC); outputs ``(indices, images)``."""
+    require_dali()
+    _check_device(device)
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True, exec_dynamic=EXEC_DYNAMIC)
+    def graph():
+        img_type, img_ndim, img_layout = _image_input(decoded)
+        encoded, indices = fn.external_source(source=source, num_outputs=2, batch=True,
+                                              dtype=[img_type, types.INT64], ndim=[img_ndim, 0],
+                                              layout=[img_layout, ""])
+        img = _decode_resize(encoded, device, height, width, decoded)
+        return indices, _normalize(img, mean, std, channels_last)
+
+    return graph()
+
+
+def decode_pipeline(source: Callable[[], tuple], *, batch_size: int, device: str = "cpu",
+                    num_threads: int = 2, device_id: int | None = None, prefetch: int = 2) -> "Pipeline":
+    """The decoded-image cache's filling graph: the same decoder as the other graphs, nothing
+    else. ``source()`` returns ``(encoded, indices)``; outputs ``(indices, images)``, RGB uint8
+    HWC at the stored size (on the GPU for ``device="gpu"``)."""
     require_dali()
     _check_device(device)
 
@@ -130,7 +166,6 @@ def test_pipeline(source: Callable[[], tuple], *, batch_size: int, height: int, 
     def graph():
         encoded, indices = fn.external_source(source=source, num_outputs=2, batch=True,
                                               dtype=[types.UINT8, types.INT64], ndim=[1, 0])
-        img = _decode_resize(encoded, device, height, width)
-        return indices, _normalize(img, mean, std, channels_last)
+        return indices, _decode(encoded, device)
 
     return graph()

@@ -25,6 +25,7 @@ import torch
 
 from fastmmt.data import loaders as torch_loaders
 from fastmmt.data.augment import AugmentSpec
+from fastmmt.data.decoded_cache import DecodedImageCache
 from fastmmt.data.records import ImageRecord
 
 BACKENDS = ("auto", "dali", "torch")
@@ -109,31 +110,54 @@ def build_train_loader(records: Sequence[ImageRecord], labels: np.ndarray, heigh
                        batch_size: int = 64, num_instances: int = 4, num_views: int = 1,
                        workers: int = 2, seed: int = 0, erase: bool = True, backend: str = "auto",
                        rank: int = 0, world_size: int = 1, local_rank: int | None = None,
-                       augment: AugmentSpec | None = None, **dali_options: Any):
+                       augment: AugmentSpec | None = None, decoded_cache: DecodedImageCache | None = None,
+                       **dali_options: Any):
     """A P x K training loader (:class:`DaliTrainLoader` or :class:`TorchTrainLoader`).
 
     ``rank``/``world_size``: the loader yields this rank's share of each global ``batch_size``
     batch (both backends: one :class:`~fastmmt.data.sampler.BatchPlanner` plan). ``local_rank``:
     the CUDA device a DALI pipeline decodes on (the training device of the rank; the torch loader
     makes CPU tensors and ignores it). ``augment``: the AugmentSpec (default: the recipe at HxW).
+    ``decoded_cache``: decode each image once for the run (:func:`build_decoded_cache`, made
+    for the same backend).
     """
     args = (records, labels, height, width, batch_size, num_instances, num_views, workers, seed, erase,
             rank, world_size)
     if resolve_data_backend(backend, dali_options.get("device")) == "dali":
         from fastmmt.data.dali import DaliTrainLoader
-        return DaliTrainLoader(*args, augment=augment, device_id=local_rank, **dali_options)
+        return DaliTrainLoader(*args, augment=augment, device_id=local_rank, decoded_cache=decoded_cache,
+                               **dali_options)
     _torch_only(dali_options)
-    return torch_loaders.TorchTrainLoader(*args, augment=augment)
+    return torch_loaders.TorchTrainLoader(*args, augment=augment, decoded_cache=decoded_cache)
 
 
 def build_test_loader(records: Sequence[ImageRecord], height: int, width: int, batch_size: int = 128,
                       workers: int = 2, backend: str = "auto", local_rank: int | None = None,
+                      decoded_cache: DecodedImageCache | None = None, persistent: bool = False,
                       **dali_options: Any) -> Iterable:
     """An ordered extraction loader yielding ``(images, pids, camids, indices)`` batches, the
-    last partial batch included. ``local_rank``: the CUDA device a DALI pipeline decodes on
-    (ignored by the torch loader)."""
+    last partial batch included, iterable any number of times.
+
+    ``local_rank``: the CUDA device a DALI pipeline decodes on (ignored by the torch loader).
+    ``decoded_cache``: decode each image once for the run. ``persistent``: torch worker
+    processes stay alive between passes (a loader built once per run; DALI's pipeline always
+    does)."""
     if resolve_data_backend(backend, dali_options.get("device")) == "dali":
         from fastmmt.data.dali import DaliTestLoader
-        return DaliTestLoader(records, height, width, batch_size, workers, device_id=local_rank, **dali_options)
+        return DaliTestLoader(records, height, width, batch_size, workers, device_id=local_rank,
+                              decoded_cache=decoded_cache, **dali_options)
     _torch_only(dali_options)
-    return torch_loaders.build_torch_test_loader(records, height, width, batch_size, workers)
+    return torch_loaders.build_torch_test_loader(records, height, width, batch_size, workers,
+                                                 decoded_cache=decoded_cache, persistent=persistent)
+
+
+def build_decoded_cache(records: Sequence[ImageRecord], backend: str = "auto", max_bytes: int | None = None,
+                        dali_device: str | None = None) -> DecodedImageCache:
+    """A decoded-image cache for ``records`` and the loaders of ``backend`` (``"torch"``:
+    Pillow's decoder; ``"dali"``: DALI's on ``dali_device``, the GPU when CUDA is available).
+    Share it between the training loader and the extraction loader of the same images.
+    ``max_bytes``: the memory bound (None: half the available memory)."""
+    if resolve_data_backend(backend, dali_device) == "dali":
+        from fastmmt.data.dali import dali_decoder
+        return DecodedImageCache([r.path for r in records], decoder=dali_decoder(dali_device), max_bytes=max_bytes)
+    return DecodedImageCache([r.path for r in records], decoder="pillow", max_bytes=max_bytes)

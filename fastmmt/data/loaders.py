@@ -7,9 +7,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fastmmt.data.augment import AugmentSpec, image_views, loader_spec
+from fastmmt.data.decoded_cache import DecodedImageCache
 from fastmmt.data.image_io import load_image
 from fastmmt.data.records import ImageRecord
 from fastmmt.data.sampler import BatchPlanner
@@ -29,20 +31,37 @@ def _single_thread_worker(_: int) -> None:
     torch.set_num_threads(1)  # workers share the 2 cores with the training process
 
 
+class _Images:
+    """Decoded images by index: from the file every time, or once through a decoded-image cache."""
+
+    def __init__(self, paths: list[str], cache: DecodedImageCache | None) -> None:
+        self.paths, self.cache = paths, cache
+        if cache is not None:
+            cache.check_decoder("pillow")
+            self.slots = cache.slots(paths)
+
+    def __call__(self, index: int) -> Image.Image:
+        if self.cache is None:
+            return load_image(self.paths[index])
+        return Image.fromarray(self.cache.pillow_image(int(self.slots[index])))
+
+
 class _AugmentedImages(Dataset):
     """Item ``(index, seed)`` -> (num_views augmented tensors, index); the views are drawn from
     the image's seed (:func:`~fastmmt.data.augment.image_views`), so results do not depend on
     the number of workers."""
 
-    def __init__(self, paths: list[str], spec: AugmentSpec, num_views: int) -> None:
+    def __init__(self, paths: list[str], spec: AugmentSpec, num_views: int,
+                 cache: DecodedImageCache | None = None) -> None:
         self.paths, self.spec, self.num_views = paths, spec, num_views
+        self.image = _Images(paths, cache)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], int]:
         index, seed = item
-        base = resize_to_tensor(load_image(self.paths[index]), self.spec.height, self.spec.width)
+        base = resize_to_tensor(self.image(index), self.spec.height, self.spec.width)
         return tuple(apply_view(base, v, self.spec) for v in image_views(self.spec, seed, self.num_views)), index
 
 
@@ -73,20 +92,22 @@ class TorchTrainLoader:
     ``labels[i]`` is the (pseudo-)label of ``records[i]``; -1 excludes the image. Batches are
     deterministic given (seed, epoch) whatever ``workers`` is. With ``world_size > 1`` (one loader
     per rank) each batch is this ``rank``'s share of the global ``batch_size`` batch, images and
-    augmentations identical to the single-process ones.
+    augmentations identical to the single-process ones. ``decoded_cache`` (a ``"pillow"``
+    :class:`~fastmmt.data.decoded_cache.DecodedImageCache` holding these records' paths): each
+    image is decoded once for the run, batches unchanged.
     """
 
     def __init__(self, records: Sequence[ImageRecord], labels: np.ndarray, height: int, width: int,
                  batch_size: int = 64, num_instances: int = 4, num_views: int = 1, workers: int = 2,
                  seed: int = 0, erase: bool = True, rank: int = 0, world_size: int = 1, *,
-                 augment: AugmentSpec | None = None) -> None:
+                 augment: AugmentSpec | None = None, decoded_cache: DecodedImageCache | None = None) -> None:
         if num_views < 1 or workers < 0:
             raise ValueError(f"need num_views >= 1 and workers >= 0, got {num_views} and {workers}")
         self.records = list(records)
         self.camids = np.array([r.camid for r in self.records], dtype=np.int64)
         self.planner = BatchPlanner(labels, self.camids, batch_size, num_instances, seed, rank, world_size)
         self.spec = loader_spec(height, width, erase, augment)
-        self._dataset = _AugmentedImages([r.path for r in self.records], self.spec, num_views)
+        self._dataset = _AugmentedImages([r.path for r in self.records], self.spec, num_views, decoded_cache)
         self._batches = _BatchList()
         self._workers = workers
         self._loader: DataLoader | None = None
@@ -118,22 +139,29 @@ class TorchTrainLoader:
 
 
 class _TestImages(Dataset):
-    def __init__(self, records: list[ImageRecord], transform: TestTransform) -> None:
+    def __init__(self, records: list[ImageRecord], transform: TestTransform,
+                 cache: DecodedImageCache | None = None) -> None:
         self.records, self.transform = records, transform
+        self.image = _Images([r.path for r in records], cache)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, int]:
         r = self.records[i]
-        return self.transform(load_image(r.path)), r.pid, r.camid, i
+        return self.transform(self.image(i)), r.pid, r.camid, i
 
 
 def build_torch_test_loader(records: Sequence[ImageRecord], height: int, width: int, batch_size: int = 128,
-                      workers: int = 2) -> DataLoader:
-    """Batches ``(images, pids, camids, indices)`` in record order, last partial batch included."""
+                            workers: int = 2, decoded_cache: DecodedImageCache | None = None,
+                            persistent: bool = False) -> DataLoader:
+    """Batches ``(images, pids, camids, indices)`` in record order, last partial batch included.
+
+    ``decoded_cache``: decode each image once for the run (see :class:`TorchTrainLoader`).
+    ``persistent``: keep the worker processes between passes (for a loader built once per run
+    and iterated every epoch)."""
     if batch_size <= 0 or workers < 0:
         raise ValueError(f"need batch_size > 0 and workers >= 0, got {batch_size} and {workers}")
-    extra = dict(worker_init_fn=_single_thread_worker) if workers else {}
-    return DataLoader(_TestImages(list(records), TestTransform(height, width)), batch_size=batch_size,
+    extra = dict(worker_init_fn=_single_thread_worker, persistent_workers=persistent) if workers else {}
+    return DataLoader(_TestImages(list(records), TestTransform(height, width), decoded_cache), batch_size=batch_size,
                       shuffle=False, num_workers=workers, drop_last=False, **extra)

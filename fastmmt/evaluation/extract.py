@@ -1,4 +1,10 @@
-"""Feature extraction: run a model over a test loader and collect features in dataset order."""
+"""Feature extraction: run a model over a test loader and collect features in dataset order.
+
+Features stay on the model's device (clustering and ranking take them there); only the small
+per-image metadata (ids, cameras, dataset indices) is gathered on the CPU. A
+:class:`FeatureExtractor` holds one loader for a fixed set of images and is called once per
+model and epoch, so the loader (and its workers or DALI pipeline) is built once per run.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -21,14 +27,16 @@ def _batch_parts(batch: object) -> tuple[torch.Tensor, ...]:
 def extract_features(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
                      progress: bool = True, channels_last: bool = False,
                      amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features (N, D) float32 on CPU, pids (N,) and camids (N,) int64, sorted by dataset index.
+    """Features (N, D) float32 on ``device``, pids (N,) and camids (N,) int64 on the CPU, sorted
+    by dataset index.
 
     ``loader`` yields ``(images, pids, camids, indices)`` batches (as
     :func:`fastmmt.data.build_test_loader` does); rows are placed by ``indices`` so any batch
     order gives the same result, and a repeated index is an error. The model runs in eval mode
     (switched for the call and restored after) under ``torch.inference_mode``, on ``device``,
-    optionally with channels_last inputs and ``torch.autocast(amp_dtype)``. The tqdm progress
-    bar shows only when ``progress`` is true and stderr is a terminal.
+    optionally with channels_last inputs and ``torch.autocast(amp_dtype)``. The features never
+    leave ``device``: the loop reads no device value on the host. The tqdm progress bar shows
+    only when ``progress`` is true and stderr is a terminal.
     """
     device = torch.device(device)
     feats, pids, camids, indices = [], [], [], []
@@ -53,7 +61,7 @@ def extract_features(model: nn.Module, loader: Iterable, device: str | torch.dev
                 if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
                     raise ValueError(f"model must return (batch, D) features in eval mode, got "
                                      f"{getattr(out, 'shape', type(out).__name__)} for {x.shape[0]} images")
-                feats.append(out.float().cpu())
+                feats.append(out.float())
                 pids.append(pid.reshape(-1).long().cpu())
                 camids.append(camid.reshape(-1).long().cpu())
                 indices.append(index.reshape(-1).long().cpu())
@@ -67,4 +75,28 @@ def extract_features(model: nn.Module, loader: Iterable, device: str | torch.dev
     if (index[order][1:] == index[order][:-1]).any():
         dup = index[order][1:][index[order][1:] == index[order][:-1]][:5].tolist()
         raise ValueError(f"loader yielded repeated dataset indices, e.g. {dup}")
-    return torch.cat(feats)[order], torch.cat(pids)[order], torch.cat(camids)[order]
+    out = torch.cat(feats)
+    return out[order.to(out.device)], torch.cat(pids)[order], torch.cat(camids)[order]
+
+
+class FeatureExtractor:
+    """Features of one fixed set of images for any model, from a loader built once.
+
+    ``loader`` must be iterable any number of times (a ``DataLoader``, a ``DaliTestLoader``);
+    build it once per run and call this object every epoch. ``extractor(model)`` returns the
+    (N, D) float32 features on ``device`` in dataset order; the ids and cameras of the last
+    call are kept in ``pids`` and ``camids`` (CPU int64).
+    """
+
+    def __init__(self, loader: Iterable, device: str | torch.device = "cpu", *, channels_last: bool = False,
+                 amp_dtype: torch.dtype | None = None, progress: bool = False) -> None:
+        self.loader, self.device = loader, torch.device(device)
+        self.channels_last, self.amp_dtype, self.progress = channels_last, amp_dtype, progress
+        self.pids: torch.Tensor | None = None
+        self.camids: torch.Tensor | None = None
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        feats, self.pids, self.camids = extract_features(
+            model, self.loader, device=self.device, progress=self.progress,
+            channels_last=self.channels_last, amp_dtype=self.amp_dtype)
+        return feats

@@ -193,7 +193,7 @@ class CrossEntropyLabelSmooth(nn.Module):
         _check_batch_labels(targets, inputs.shape[0], "targets")
         if resolve_backend(self.backend, inputs) == "triton":
             return _triton().cross_entropy_label_smooth(inputs, targets, self.epsilon, self.num_classes,
-                                                        check_range=False)
+                                                        check_labels=False)
         return ref.cross_entropy_label_smooth(inputs, targets, self.epsilon, self.num_classes)
 
 
