@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from fastmmt.cli.config import CHOICES, ConfigError, load_options, options_to_dict
+from fastmmt.cli.config import CHOICES, ConfigError, check_pretrained, load_options, options_to_dict
 
 log = logging.getLogger("fastmmt")
 
@@ -76,6 +76,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from fastmmt.train import pretrain
 
     opts = _options(args)
+    check_pretrained(opts)
     out = Path(opts.run.out_dir)
     _save_config(opts, out)
     source = load_dataset(opts.data.source, opts.data.source_root or opts.data.root)

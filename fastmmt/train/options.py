@@ -1,4 +1,5 @@
-"""Typed options of the training stages; defaults are the paper's recipe (MMT_SPEC.md)."""
+"""Typed options of the training stages; defaults are the paper's recipe (docs/training.md, and
+docs/fidelity.md for where fastmmt differs from the official code as it ran)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ class ModelOptions:
     arch: str = "resnet50"
     base_width: int = 64
     dropout: float = 0.0
-    pretrained: str | None = None     # local ImageNet weights file (no downloads)
+    pretrained: str | None = None     # local ImageNet weights file (no downloads); "none" in a config = from scratch
+    require_pretrained: bool = False  # `pretrain` refuses to start without `pretrained` (the paper configs)
     channels_last: bool = False
 
 
