@@ -161,7 +161,23 @@ def test_all_noise_dbscan(env, capsys):
 def test_config_unknown_key_and_wrong_type(env, capsys, tmp_path):
     _fails(env, capsys, _adapt(env, "run.on_nonfinit=skip"), "unknown key run.on_nonfinit", code=2)
     _fails(env, capsys, _adapt(env, "adapt.iters=lots"), "adapt.iters: expected an integer", code=2)
-    _fails(env, capsys, _adapt(env, "run.on_nonfinite=ignore"), "run.on_nonfinite must be one of")
+    # choices come from the library's own lists and are checked when the config loads (exit 2),
+    # not when the stage first uses them
+    _fails(env, capsys, _adapt(env, "run.on_nonfinite=ignore"),
+           "run.on_nonfinite = 'ignore' is not allowed; choose one of ['stop', 'skip']", code=2)
+
+
+def test_unknown_cluster_backend_fails_when_the_config_loads(env, capsys, monkeypatch):
+    """``adapt.cluster_backend: torch`` used to pass the config check and fail only after epoch
+    0's extraction; now the config load refuses it, before any network is built."""
+    from fastmmt.cluster.kmeans import KMEANS_BACKENDS
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("extraction ran before the option was checked")
+    monkeypatch.setattr(common_mod, "extract_features", no_extraction)
+    bad = "torch" if "torch" not in KMEANS_BACKENDS else "no-such-backend"
+    err = _fails(env, capsys, _adapt(env, f"adapt.cluster_backend={bad}"), "adapt.cluster_backend", code=2)
+    assert str(list(KMEANS_BACKENDS)) in err
 
 
 def _nan_at(step: int, real):

@@ -169,7 +169,7 @@ def test_run_logger_start_at_drops_replayed_epochs_and_final(tmp_path):
 def test_load_model_file_builds_the_saved_architecture(tmp_path, caplog):
     from fastmmt.train.common import make_model
     from fastmmt.train.options import ExperimentOptions, ModelOptions
-    from fastmmt.train.pretrain import load_model_file, model_file
+    from fastmmt.train.model_file import load_model_file, model_file
 
     net = make_model(ModelOptions(arch="resnet18", base_width=8), 7, torch.device("cpu"))
     atomic_save(model_file(net, 7), tmp_path / "model.pt")

@@ -14,17 +14,9 @@ from typing import Any
 
 import yaml
 
-from fastmmt.train.options import ADAPT_METHODS, ExperimentOptions
+from fastmmt.train.options import ExperimentOptions, check_options, option_choices
 
-CHOICES = {
-    ("data", "backend"): ("auto", "dali", "torch"),
-    ("model", "arch"): ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_ibn50a"),
-    ("adapt", "method"): ADAPT_METHODS,
-    ("adapt", "cluster_backend"): ("auto", "faiss", "faiss-gpu", "torch"),
-    ("run", "amp"): (None, "bf16", "fp16"),
-    ("run", "loss_backend"): ("auto", "torch", "triton"),
-    ("run", "ema_backend"): ("auto", "ext", "foreach", "loop"),
-}
+CHOICES = option_choices()  # the library's own lists of allowed values
 
 
 class ConfigError(ValueError):
@@ -110,6 +102,10 @@ def build_options(raw: dict) -> ExperimentOptions:
                 raise ConfigError(f"{where} = {value!r} is not allowed; choose one of {list(allowed)}")
             setattr(target, key, value)
     _apply_scratch(opts)
+    try:
+        check_options(opts)  # what depends on several keys, and the numeric ranges
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return opts
 
 

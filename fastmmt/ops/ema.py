@@ -46,7 +46,11 @@ def _check(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], alp
     """Validate everything before any write (the extension re-checks with its own messages)."""
     if len(teacher) != len(student):
         raise ValueError(f"ema_update_: {len(teacher)} teacher tensors but {len(student)} student tensors")
-    if not 0.0 <= float(alpha) <= 1.0:
+    if isinstance(alpha, torch.Tensor):  # a device value: its range is the caller's (no host read)
+        if alpha.dim() != 0 or not alpha.is_floating_point():
+            raise ValueError(f"ema_update_: a tensor alpha must be a 0-dim float tensor, got {tuple(alpha.shape)} "
+                             f"{alpha.dtype}")
+    elif not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"ema_update_: alpha must be in [0, 1], got {alpha}")
     for i, (t, s) in enumerate(zip(teacher, student)):
         if t.shape != s.shape or t.dtype != s.dtype or t.device != s.device:
@@ -55,9 +59,14 @@ def _check(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], alp
                 f"student {tuple(s.shape)} {s.dtype} {s.device}")
 
 
-def _resolve(backend: str, teacher: Sequence[torch.Tensor]) -> str:
+def _resolve(backend: str, teacher: Sequence[torch.Tensor], tensor_alpha: bool = False) -> str:
     if backend not in EMA_BACKENDS:
         raise ValueError(f"unknown EMA backend {backend!r}; expected one of {EMA_BACKENDS}")
+    if tensor_alpha:
+        if backend == "ext":
+            raise ValueError("EMA backend 'ext' takes alpha as a number; a tensor alpha (kept on the "
+                             "device) needs backend 'auto', 'foreach' or 'loop'")
+        return "foreach" if backend == "auto" else backend
     if backend == "ext" and load_extension() is None:
         raise RuntimeError("EMA backend 'ext' requested but fastmmt._C is not built "
                            "(reinstall with `pip install -e . --no-build-isolation`)")
@@ -74,16 +83,28 @@ def _resolve(backend: str, teacher: Sequence[torch.Tensor]) -> str:
 
 @torch.no_grad()
 def ema_update_(
-    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], alpha: float, backend: str = "auto"
+    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], alpha: float | torch.Tensor,
+    backend: str = "auto"
 ) -> str:
     """Update every teacher tensor in place; returns the name of the backend that ran.
 
     Nothing is written when the inputs are invalid (lengths, shapes, dtypes, devices, and for
-    ``ext`` contiguity and dtype in float32/float16/bfloat16).
+    ``ext`` contiguity and dtype in float32/float16/bfloat16). ``alpha`` may be a 0-dim tensor on
+    the device (``foreach`` or ``loop``): a trainer that decides on the device whether a step
+    counts passes ``alpha = 1`` for a refused step without reading anything on the host.
     """
     teacher, student = list(teacher), list(student)
-    name = _resolve(backend, teacher)
+    tensor_alpha = isinstance(alpha, torch.Tensor)
+    name = _resolve(backend, teacher, tensor_alpha)
     _check(teacher, student, alpha)
+    if tensor_alpha:
+        weight = (1.0 - alpha.to(torch.float64)).to(torch.float32)
+        if name == "loop":
+            for t, s in zip(teacher, student):
+                t.lerp_(s, weight.to(t.dtype))
+        elif teacher:
+            torch._foreach_lerp_(teacher, student, weight)
+        return name
     if name == "ext":
         load_extension().ema_update_(teacher, student, float(alpha))
     elif name == "loop":
@@ -124,7 +145,7 @@ def _parameter_lists(
 def ema_update_module_(
     teacher: nn.Module | Sequence[nn.Module],
     student: nn.Module | Sequence[nn.Module],
-    alpha: float,
+    alpha: float | torch.Tensor,
     backend: str = "auto",
 ) -> str:
     """Mean-teacher update of PARAMETERS ONLY (buffers such as BN running stats untouched).

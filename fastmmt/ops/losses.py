@@ -14,11 +14,17 @@ def _triton():
 
 
 def cross_entropy_label_smooth(
-    logits: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1, backend: str = "auto"
+    logits: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1, backend: str = "auto",
+    check_labels: bool = True,
 ) -> torch.Tensor:
-    """Label-smoothed cross-entropy (eps over K classes), mean over the batch."""
+    """Label-smoothed cross-entropy (eps over K classes), mean over the batch.
+
+    ``check_labels=False`` skips the Triton backend's label-range check (a reduction and a host
+    read per call) for callers that checked the labels once already; an out-of-range label then
+    gives undefined results instead of an error. The torch backend's indexing always checks.
+    """
     if resolve_backend(backend, logits) == "triton":
-        return _triton().cross_entropy_label_smooth(logits, labels, epsilon)
+        return _triton().cross_entropy_label_smooth(logits, labels, epsilon, check_labels)
     return ref.cross_entropy_label_smooth(logits, labels, epsilon)
 
 
@@ -63,9 +69,10 @@ def triplet_pair_losses(
 
 def logits_pair_losses(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-    epsilon: float = 0.1, backend: str = "auto",
+    epsilon: float = 0.1, backend: str = "auto", check_labels: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(label-smoothed CE, soft entropy) of one student, in one pass over the logits when fused."""
+    """(label-smoothed CE, soft entropy) of one student, in one pass over the logits when fused.
+    ``check_labels``: as in :func:`cross_entropy_label_smooth`."""
     if resolve_backend(backend, student_logits) == "triton":
-        return _triton().logits_pair_losses(student_logits, teacher_logits, labels, epsilon)
+        return _triton().logits_pair_losses(student_logits, teacher_logits, labels, epsilon, check_labels)
     return ref.logits_pair_losses(student_logits, teacher_logits, labels, epsilon)

@@ -22,7 +22,7 @@ def mmt_loss(
     f1: torch.Tensor, f2: torch.Tensor, f1_t: torch.Tensor, f2_t: torch.Tensor,
     p1: torch.Tensor, p2: torch.Tensor, p1_t: torch.Tensor, p2_t: torch.Tensor,
     labels: torch.Tensor, soft_ce_weight: float = 0.5, soft_tri_weight: float = 0.8,
-    epsilon: float = 0.1, backend: str = "auto",
+    epsilon: float = 0.1, backend: str = "auto", check_labels: bool = True,
 ) -> MMTLossOutput:
     """MMT loss with cross supervision (S1 learns from T2, S2 from T1).
 
@@ -30,9 +30,11 @@ def mmt_loss(
     + wtri(STri(f1,f2_t)+STri(f2,f1_t))``. ``f*`` are pre-BN pooled features, ``p*`` logits,
     ``*_t`` the mean teachers' outputs (detached inside). Each student's distance matrix and
     batch-hard mining are computed once and shared by its hard and soft triplet terms.
+    ``check_labels=False``: the caller has checked the label range (see
+    :func:`~fastmmt.ops.cross_entropy_label_smooth`).
     """
-    ce1, se1 = logits_pair_losses(p1, p2_t, labels, epsilon, backend)
-    ce2, se2 = logits_pair_losses(p2, p1_t, labels, epsilon, backend)
+    ce1, se1 = logits_pair_losses(p1, p2_t, labels, epsilon, backend, check_labels)
+    ce2, se2 = logits_pair_losses(p2, p1_t, labels, epsilon, backend, check_labels)
     tri1, stri1 = triplet_pair_losses(f1, f2_t, labels, backend)
     tri2, stri2 = triplet_pair_losses(f2, f1_t, labels, backend)
     ce, tri, se, stri = ce1 + ce2, tri1 + tri2, se1 + se2, stri1 + stri2

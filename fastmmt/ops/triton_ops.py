@@ -112,16 +112,19 @@ class _Pairwise(torch.autograd.Function):
         return gx, gy
 
 
-def _logits_inputs(student_logits, teacher_logits, labels, name_s="student_logits"):
+def _logits_inputs(student_logits, teacher_logits, labels, name_s="student_logits", check_labels=True):
     s = _check_matrix(name_s, student_logits)
     t = None if teacher_logits is None else _check_same("teacher_logits", teacher_logits.detach(), name_s, s)
-    lab = None if labels is None else _check_labels(labels, s.shape[0], s.device, s.shape[1])
+    k = s.shape[1] if check_labels else None  # the range check: one reduction and one host read
+    lab = None if labels is None else _check_labels(labels, s.shape[0], s.device, k)
     return s, t, lab
 
 
-def cross_entropy_label_smooth(logits_: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1) -> torch.Tensor:
-    """Label-smoothed cross-entropy (targets ``(1-eps)`` one-hot + ``eps/K``), mean over rows."""
-    s, _, lab = _logits_inputs(logits_, None, labels, "logits")
+def cross_entropy_label_smooth(logits_: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1,
+                               check_labels: bool = True) -> torch.Tensor:
+    """Label-smoothed cross-entropy (targets ``(1-eps)`` one-hot + ``eps/K``), mean over rows.
+    ``check_labels=False`` skips the label-range check (shape, dtype and device are still checked)."""
+    s, _, lab = _logits_inputs(logits_, None, labels, "logits", check_labels)
     return _LogitsPair.apply(s, None, lab, float(epsilon))[0]
 
 
@@ -132,9 +135,9 @@ def soft_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
 
 
 def logits_pair_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                       epsilon: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+                       epsilon: float = 0.1, check_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(label-smoothed CE, soft entropy) of one student in one pass over its logits."""
-    s, t, lab = _logits_inputs(student_logits, teacher_logits, labels)
+    s, t, lab = _logits_inputs(student_logits, teacher_logits, labels, check_labels=check_labels)
     return _LogitsPair.apply(s, t, lab, float(epsilon))
 
 

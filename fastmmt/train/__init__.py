@@ -9,9 +9,10 @@ from fastmmt.train.options import (
     PretrainOptions,
     RunOptions,
 )
-from fastmmt.train.pretrain import StageResult, load_model_file, pretrain
+from fastmmt.train.model_file import StageResult, load_model_file, model_file
+from fastmmt.train.pretrain import pretrain
 
 __all__ = [
     "AdaptOptions", "DataOptions", "ExperimentOptions", "ModelOptions", "PretrainOptions", "RunOptions",
-    "StageResult", "adapt", "evaluate_model_file", "load_model_file", "pretrain",
+    "StageResult", "adapt", "evaluate_model_file", "load_model_file", "model_file", "pretrain",
 ]

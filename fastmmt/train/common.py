@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -26,23 +26,46 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def make_model(mopts: ModelOptions, num_classes: int, device: torch.device, bn_split: int = 0,
-               pretrained: str | None = None) -> ReIDNet:
+               pretrained: str | None = None, fused_bn_split: bool = True) -> ReIDNet:
     """Build the re-ID network on ``device`` with the run's BN split and memory format; the
     options it was built with stay on it as ``model.model_options``."""
     model = build_model(mopts.arch, num_classes, dropout=mopts.dropout, pretrained=pretrained,
                         base_width=mopts.base_width)
-    model.model_options = mopts  # what a model file records of it (fastmmt.train.pretrain.model_file)
-    convert_bn_split(model, bn_split)
+    model.model_options = mopts  # what a model file records of it (fastmmt.train.model_file)
+    convert_bn_split(model, bn_split, fused=fused_bn_split)
     model = model.to(device)
     if mopts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def adam(models: Iterable[nn.Module], lr: float, weight_decay: float) -> torch.optim.Adam:
-    """Adam over every trainable parameter of ``models`` (coupled L2 weight decay, as the reference)."""
+def compile_backbones(models: Iterable[nn.Module]) -> None:
+    """``run.compile``: ``torch.compile`` each network's backbone in place (``nn.Module.compile``,
+    so parameter names, state dicts and checkpoints stay those of the eager network)."""
+    for m in models:
+        m.backbone.compile()
+
+
+def adam(models: Iterable[nn.Module], lr: float, weight_decay: float, fused: bool = False) -> torch.optim.Adam:
+    """Adam over every trainable parameter of ``models`` (coupled L2 weight decay, as the reference).
+
+    ``fused``: torch's fused kernel, which takes a device-side ``found_inf`` flag (set as
+    ``optimizer.found_inf``) and then leaves parameters, moments and step count unchanged, so a
+    refused step needs no host read; its rounding differs from the per-tensor loop by an ulp.
+    """
     params = [p for m in models for p in m.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
+def check_label_range(labels: np.ndarray, num_classes: int, what: str) -> None:
+    """Every trained label (outliers, -1, are not trained on) in [0, num_classes): checked once
+    when the labels are made, so the loss ops need not check them in every step."""
+    trained = labels[labels >= 0]
+    if trained.size and int(trained.max()) >= num_classes:
+        raise ValueError(f"{what}: label {int(trained.max())} outside [0, {num_classes}) for a "
+                         f"classifier of {num_classes} classes")
+    if (labels < -1).any():
+        raise ValueError(f"{what}: label {int(labels.min())} is negative (only -1, an outlier, may be)")
 
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -91,20 +114,13 @@ def evaluate(model: nn.Module, dataset: ReIDDataset, dopts: DataOptions, ropts: 
             "rank10": float(r.cmc[9]), "eval_seconds": time.perf_counter() - t0}
 
 
-NONFINITE_POLICIES = ("stop", "skip")
-
-
-def check_policy(policy: str) -> None:
-    """Validate ``run.on_nonfinite``."""
-    if policy not in NONFINITE_POLICIES:
-        raise ValueError(f"run.on_nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
-
-
-def step_is_finite(value: torch.Tensor, what: str, policy: str = "stop", ctx: DistContext | None = None) -> bool:
+def step_is_finite(value: torch.Tensor, what: str | Callable[[], str], policy: str = "stop",
+                   ctx: DistContext | None = None) -> bool:
     """Whether the step with loss ``value`` may proceed; a NaN/inf loss (on any rank) refuses it.
 
     ``policy="stop"`` raises :class:`NonFiniteLossError` naming the batch (``what``); ``"skip"``
-    logs a warning and returns False (the caller skips backward, optimiser and EMA).
+    logs a warning and returns False (the caller skips backward, optimiser and EMA). This reads
+    the loss on the host: the ``run.sync_each_step`` step only.
     """
     v = float(value.detach())
     finite = math.isfinite(v)
@@ -112,7 +128,7 @@ def step_is_finite(value: torch.Tensor, what: str, policy: str = "stop", ctx: Di
         finite = all_true(finite, ctx)
     if finite:
         return True
-    msg = f"non-finite loss ({v}) at {what}; the step was refused"
+    msg = f"non-finite loss ({v}) at {what() if callable(what) else what}; the step was refused"
     if policy == "stop":
         raise NonFiniteLossError(msg + " and the run stopped (run.on_nonfinite=skip skips such steps)")
     log.warning("%s and skipped (run.on_nonfinite=skip)", msg)

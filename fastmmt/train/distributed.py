@@ -154,6 +154,15 @@ def all_true(flag: bool, ctx: DistContext) -> bool:
     return bool(t.item())
 
 
+def all_true_tensor(flag: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Logical AND of a bool tensor over the ranks, left on the device (no host read)."""
+    if not ctx.enabled:
+        return flag
+    t = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t[0].bool()
+
+
 def _broadcast_tensors(tensors: Sequence[torch.Tensor], ctx: DistContext) -> None:
     """Copy rank 0's values of ``tensors`` into every rank's (one flat broadcast per dtype)."""
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}

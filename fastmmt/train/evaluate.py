@@ -10,7 +10,7 @@ from fastmmt.data import ReIDDataset
 from fastmmt.evaluation import rank_metrics
 from fastmmt.train.common import evaluate, extract
 from fastmmt.train.options import ExperimentOptions
-from fastmmt.train.pretrain import load_model_file
+from fastmmt.train.model_file import load_model_file
 from fastmmt.train.runtime import resolve_device
 
 

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from fastmmt.cluster import ClusterError, ClusterResult, build_clusterer
 from fastmmt.data import ReIDDataset
 from fastmmt.data.factory import build_train_loader
+from fastmmt.data.loaders import TrainBatch
 from fastmmt.evaluation import pseudo_label_quality
 from fastmmt.ops import (
     cross_entropy_label_smooth,
@@ -32,31 +31,23 @@ from fastmmt.ops import (
     softmax_triplet_loss,
 )
 from fastmmt.train import distributed as ddp
-from fastmmt.train.checkpoint import atomic_save, read_resume_checkpoint, save_checkpoint
-from fastmmt.train.common import adam, check_policy, evaluate, extract, step_is_finite, to_device
-from fastmmt.train.logger import RunLogger
-from fastmmt.train.options import ADAPT_METHODS, AdaptOptions, DataOptions, ExperimentOptions
-from fastmmt.train.pretrain import StageResult, load_model_file, model_file
-from fastmmt.train.runtime import (
-    autocast,
-    configure_threads,
-    epoch_seed,
-    resolve_device,
-    seed_everything,
-    set_deterministic,
+from fastmmt.train.checkpoint import atomic_save
+from fastmmt.train.common import (
+    adam,
+    check_label_range,
+    compile_backbones,
+    evaluate,
+    extract,
+    step_is_finite,
+    to_device,
 )
+from fastmmt.train.logger import RunLogger
+from fastmmt.train.loop import FINITE, RunState, finite_flag, run_epochs
+from fastmmt.train.model_file import StageResult, load_model_file, model_file
+from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions, check_options
+from fastmmt.train.runtime import Runtime, autocast, setup_run
 
 log = logging.getLogger("fastmmt.train")
-
-
-@dataclass
-class _State:
-    """Mutable run state that a checkpoint restores."""
-
-    epoch: int = 0
-    global_step: int = 0
-    history: list = field(default_factory=list)
-    best: dict = field(default_factory=dict)
 
 
 def _make_teacher(student: nn.Module) -> nn.Module:
@@ -94,35 +85,234 @@ def _cluster(clusterer, cf: torch.Tensor, epoch: int, a: AdaptOptions, d: DataOp
     return res
 
 
-def _epoch_state(epoch: int, st: _State, nets: list[nn.Module], labels: np.ndarray, clusterer) -> dict:
+def _epoch_state(epoch: int, st: RunState, nets: list[nn.Module], labels: np.ndarray, clusterer) -> dict:
     """The checkpoint of the end of ``epoch`` (built on every rank, written by rank 0)."""
     return {"epoch": epoch, "global_step": st.global_step, "history": st.history, "best": st.best,
             "nets": [net.state_dict() for net in nets], "labels": labels,
             "clusterer": clusterer.state_dict() if hasattr(clusterer, "state_dict") else None}
 
 
-def _write_epoch(state: dict, record: dict, out_dir: Path, logger: RunLogger) -> None:
-    """Rank 0's end of an epoch: checkpoint first (atomic), then pseudo-labels and the log."""
-    save_checkpoint(state, out_dir / "ckpt")
-    np.save(out_dir / "pseudo_labels.npy", state["labels"])
-    logger.log(record)
+def _device_alpha(step: torch.Tensor, ok: torch.Tensor, cap: float) -> torch.Tensor:
+    """:func:`~fastmmt.ops.ema_alpha` of a step count held on the device; 1 (no update) when the
+    step was refused."""
+    alpha = torch.clamp(1.0 - 1.0 / (step + 1.0), max=cap)
+    return torch.where(ok, alpha, torch.ones_like(alpha))
 
 
-def _resume(out_dir: Path, nets: list[nn.Module], teachers: list[nn.Module], clusterer,
-            device: torch.device, ctx: ddp.DistContext) -> _State | None:
-    """Restore networks, clusterer state and counters from ``out_dir/ckpt`` (None: nothing there)."""
-    ck = read_resume_checkpoint(out_dir / "ckpt", device, ctx)
-    if ck is None:
-        return None
-    for net, sd in zip(nets, ck["nets"]):
-        net.reset_classifier(sd["classifier.weight"])
-        net.load_state_dict(sd)
-    for t in teachers:
-        for q in t.parameters():
-            q.requires_grad_(False)
-    if hasattr(clusterer, "load_state_dict") and ck.get("clusterer") is not None:
-        clusterer.load_state_dict(ck["clusterer"])
-    return _State(ck["epoch"] + 1, ck["global_step"], ck["history"], ck.get("best", {}))
+def mmt_step(nets: list[nn.Module], students: list[nn.Module], teachers: list[nn.Module],
+             optimizer: torch.optim.Optimizer, batch: TrainBatch, global_step: int, opts: ExperimentOptions,
+             rt: Runtime, where: str | Callable[[], str] = "", step_count: torch.Tensor | None = None,
+             info: dict | None = None) -> dict[str, torch.Tensor]:
+    """One MMT step (both students, cross supervision, optimiser, mean-teacher update).
+
+    Returns the loss terms as device tensors and the step's finite flag (``"finite"``). Without
+    ``run.sync_each_step`` it reads nothing on the host: the flag goes to the fused optimiser
+    (``found_inf``: a non-finite step changes no weight) and, under ``run.on_nonfinite=skip``, to
+    the mean-teacher update as ``alpha = 1``, with the step counted on the device
+    (``step_count``, float64, incremented only by applied steps). Under ``stop`` the mean-teacher
+    update takes ``alpha`` of the host's ``global_step`` (the run ends at the next read anyway).
+    ``info["ema_backend"]`` receives the name of the mean-teacher backend that ran.
+    """
+    a, m, r = opts.adapt, opts.model, opts.run
+    device, ctx = rt.device, rt.ctx
+    sync = r.sync_each_step
+    y = batch.labels.to(device)
+    x1 = to_device(batch.views[0], device, m.channels_last)
+    x2 = to_device(batch.views[1], device, m.channels_last)
+    with autocast(device, r.amp):
+        f1, p1 = nets[0](x1)
+        f2, p2 = nets[1](x2)
+        with torch.no_grad():
+            f1t, p1t = teachers[0](x1)
+            f2t, p2t = teachers[1](x2)
+        f1, f2, f1t, f2t, p1, p2, p1t, p2t, y = ddp.gather_batch(ctx, f1, f2, f1t, f2t, p1, p2, p1t, p2t, y)
+        out = mmt_loss(f1, f2, f1t, f2t, p1, p2, p1t, p2t, y, a.soft_ce_weight, a.soft_tri_weight, a.epsilon,
+                       backend=r.loss_backend, check_labels=sync)
+    loss = out.total
+    terms = {"loss": loss.detach(), "loss_ce": out.ce.detach(), "loss_tri": out.tri.detach(),
+             "loss_soft_ce": out.soft_ce.detach(), "loss_soft_tri": out.soft_tri.detach()}
+    if sync:
+        if not step_is_finite(loss, where, r.on_nonfinite, ctx):
+            return {**terms, FINITE: torch.tensor(False)}
+        ok = torch.tensor(True)
+    else:
+        ok = finite_flag(loss, ctx)
+        optimizer.found_inf = (~ok).to(torch.float32)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * ctx.world_size).backward()  # DDP averages: the gradient of the global loss
+    optimizer.step()
+    ddp.broadcast_buffers(students + teachers, ctx)  # BN statistics: rank 0's (DataParallel's)
+    if step_count is not None:  # skip without a host read: alpha and the count on the device
+        alpha = _device_alpha(step_count, ok, a.ema_alpha)
+        backend = ema_update_module_(teachers, students, alpha, backend=r.ema_backend)
+        step_count += ok.to(step_count.dtype)
+    else:
+        backend = ema_update_module_(teachers, students, ema_alpha(global_step, a.ema_alpha), backend=r.ema_backend)
+    if info is not None:
+        info["ema_backend"] = backend
+    return {**terms, FINITE: ok}
+
+
+def baseline_step(net: nn.Module, student: nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch,
+                  opts: ExperimentOptions, rt: Runtime,
+                  where: str | Callable[[], str] = "") -> dict[str, torch.Tensor]:
+    """One step of the single-model baseline (CE + softmax-triplet on its own clusters); the loss
+    terms as device tensors and the finite flag, read on the host as :func:`mmt_step` says."""
+    a, m, r = opts.adapt, opts.model, opts.run
+    device, ctx = rt.device, rt.ctx
+    sync = r.sync_each_step
+    y = batch.labels.to(device)
+    x = to_device(batch.views[0], device, m.channels_last)
+    with autocast(device, r.amp):
+        f, p = net(x)
+        f, p, y = ddp.gather_batch(ctx, f, p, y)
+        ce = cross_entropy_label_smooth(p, y, a.epsilon, backend=r.loss_backend, check_labels=sync)
+        tri = softmax_triplet_loss(f, y, backend=r.loss_backend)
+    loss = ce + tri
+    terms = {"loss": loss.detach(), "loss_ce": ce.detach(), "loss_tri": tri.detach()}
+    if sync:
+        if not step_is_finite(loss, where, r.on_nonfinite, ctx):
+            return {**terms, FINITE: torch.tensor(False)}
+        ok = torch.tensor(True)
+    else:
+        ok = finite_flag(loss, ctx)
+        optimizer.found_inf = (~ok).to(torch.float32)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * ctx.world_size).backward()
+    optimizer.step()
+    ddp.broadcast_buffers([student], ctx)
+    return {**terms, FINITE: ok}
+
+
+class _Adapt:
+    """Stage II (MMT, the baseline, the oracle) as :func:`~fastmmt.train.loop.run_epochs` drives it."""
+
+    def __init__(self, target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, rt: Runtime):
+        a, d, r = opts.adapt, opts.data, opts.run
+        self.opts, self.rt, self.target = opts, rt, target
+        self.mmt = a.method != "baseline"
+        self.name, self.epochs, self.iters = a.method, a.epochs, a.iters
+        self.images_per_step = d.batch_size * (2 if self.mmt else 1)
+        students = [load_model_file(pth, opts, rt.device) for pth in init_models]
+        if r.sync_bn:
+            students = ddp.convert_sync_bn(students, rt.ctx)
+        self.students = students
+        self.teachers = [_make_teacher(s) for s in students] if self.mmt else []
+        if a.method == "dbscan":
+            self.clusterer = build_clusterer("dbscan", k1=a.k1, k2=a.k2, rho=a.rho, min_samples=a.min_samples,
+                                             seed=r.seed, num_threads=r.num_threads)
+        elif a.method == "oracle":
+            self.clusterer = build_clusterer("known", labels=np.array([x.pid for x in target.train]))
+        else:
+            self.clusterer = build_clusterer("kmeans", k=a.k, seed=r.seed, backend=a.cluster_backend,
+                                             num_threads=r.num_threads)
+        self.records = target.train
+        self.true_ids = np.array([x.pid for x in self.records])  # for the logged diagnostic only
+        self.true_cams = np.array([x.camid for x in self.records])
+        self.eval_net = self.teachers[0] if self.mmt else self.students[0]
+        self.loader = None
+        self.labels: np.ndarray | None = None
+        self.res: ClusterResult | None = None
+        self.info: dict = {}
+
+    @property
+    def nets_all(self) -> list[nn.Module]:
+        return self.students + self.teachers
+
+    def start(self) -> None:
+        """Every rank from rank 0's networks; compile the backbones (``run.compile``)."""
+        ddp.broadcast_state(self.nets_all, self.rt.ctx)
+        if self.opts.run.compile:
+            compile_backbones(self.nets_all)
+
+    def state_dict(self, epoch: int, st: RunState) -> dict:
+        return _epoch_state(epoch, st, self.nets_all, self.labels, self.clusterer)
+
+    def load_state_dict(self, ck: dict) -> RunState:
+        for net, sd in zip(self.nets_all, ck["nets"]):
+            net.reset_classifier(sd["classifier.weight"])
+            net.load_state_dict(sd)
+        for t in self.teachers:
+            for q in t.parameters():
+                q.requires_grad_(False)
+        if hasattr(self.clusterer, "load_state_dict") and ck.get("clusterer") is not None:
+            self.clusterer.load_state_dict(ck["clusterer"])
+        return RunState(ck["epoch"] + 1, ck["global_step"], ck["history"], ck.get("best", {}))
+
+    def begin_epoch(self, epoch: int, st: RunState) -> dict:
+        """Steps 1-4: features, clusters, classifiers, a fresh optimiser (and the epoch's labels)."""
+        a, d, m, r = self.opts.adapt, self.opts.data, self.opts.model, self.opts.run
+        ctx, device = self.rt.ctx, self.rt.device
+        times = {}
+        # 1. features of the target training set from the teachers (the student for one model)
+        t0 = time.perf_counter()
+        feats = [extract(net, self.records, d, r, device, m, f"extract ep{epoch}", ctx)
+                 for net in (self.teachers or self.students)]
+        cf = torch.stack(feats).mean(0)
+        if a.method == "dbscan":
+            cf = F.normalize(cf, dim=1)
+        times["extract_seconds"] = time.perf_counter() - t0
+        # 2. cluster once (rank 0) -> pseudo-labels and centroids on every rank
+        t0 = time.perf_counter()
+        res = ddp.run_on_main(ctx, _cluster, self.clusterer, cf, epoch, a, d)
+        labels = np.asarray(res.labels, dtype=np.int64)
+        times["cluster_seconds"] = time.perf_counter() - t0
+        # the label range, once per epoch (the steps' loss ops do not check it)
+        check_label_range(labels, res.num_clusters, f"epoch {epoch} pseudo-labels")
+        self.res, self.labels = res, labels
+        quality = {f"pseudo_{k}": v for k, v in pseudo_label_quality(labels, self.true_ids, self.true_cams).items()}
+        # 3. classifiers of all networks <- normalised centroids; 4. fresh optimiser
+        _set_classifiers(self.students, self.teachers, res.centroids.to(device))
+        self.optimizer = adam(self.students, a.lr, a.weight_decay, fused=not r.sync_each_step)
+        self.nets = [ddp.wrap_ddp(s, ctx) for s in self.students]  # re-wrapped: the classifiers are new
+        if self.loader is None:
+            self.loader = build_train_loader(self.records, labels, d.height, d.width, batch_size=d.batch_size,
+                                             num_instances=d.num_instances, num_views=2 if self.mmt else 1,
+                                             workers=d.workers, seed=r.seed, erase=a.erase, backend=d.backend,
+                                             rank=ctx.rank, world_size=ctx.world_size)
+        else:
+            self.loader.set_labels(labels)
+        if ctx.is_main:
+            log.info("%s epoch %d: training %d iterations on %d clusters (NMI to the true ids %.3f, "
+                     "cross-camera pair recall %.3f)", a.method, epoch, a.iters, res.num_clusters,
+                     quality["pseudo_nmi"], quality["pseudo_pair_recall_cross_cam"])
+        for net in self.nets_all:
+            net.train()
+        # skip without host reads: the mean teacher's step count lives on the device
+        self.step_count = (torch.tensor(float(st.global_step), dtype=torch.float64, device=device)
+                           if self.mmt and not r.sync_each_step and r.on_nonfinite == "skip" else None)
+        self.info = {}
+        return {"num_clusters": int(res.num_clusters), "num_outliers": int((labels < 0).sum()), **times,
+                **quality}
+
+    def batches(self, epoch: int):
+        return self.loader.epoch(epoch, self.iters)
+
+    def step(self, batch: TrainBatch, it: int, global_step: int, where: Callable[[], str]) -> dict:
+        if not self.mmt:
+            return baseline_step(self.nets[0], self.students[0], self.optimizer, batch, self.opts, self.rt, where)
+        return mmt_step(self.nets, self.students, self.teachers, self.optimizer, batch, global_step, self.opts,
+                        self.rt, where, self.step_count, self.info)
+
+    def describe(self, epoch: int, it: int, global_step: int, batch: TrainBatch | None) -> str:
+        return f"epoch {epoch} iteration {it} (global step {global_step})"
+
+    def end_epoch(self, epoch: int, record: dict) -> None:
+        record["ema_backend"] = self.info.get("ema_backend")
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        return {"T1": self.teachers[0], "T2": self.teachers[1]} if self.mmt else {"S1": self.students[0]}
+
+    def evaluate(self, net: nn.Module) -> dict[str, float]:
+        o = self.opts
+        return evaluate(net, self.target, o.data, o.run, self.rt.device, o.model, self.rt.ctx)
+
+    def model_file(self, name: str, **extra) -> dict:
+        net = self.eval_models()[name]
+        return model_file(net, net.classifier.out_features, **extra)
+
+    def write_epoch(self, state: dict, out_dir: Path) -> None:
+        np.save(out_dir / "pseudo_labels.npy", state["labels"])
 
 
 def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, out_dir: str | Path,
@@ -138,161 +328,24 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
     epoch's mean teacher 1 (or, with ``run.select_best``, the epoch of best target mAP).
     Under torchrun every rank calls this; see :mod:`fastmmt.train.distributed`.
     """
-    a, d, m, r = opts.adapt, opts.data, opts.model, opts.run
-    if a.method not in ADAPT_METHODS:
-        raise ValueError(f"adapt.method must be one of {', '.join(ADAPT_METHODS)}; got {a.method!r}")
+    a, r = opts.adapt, opts.run
+    check_options(opts)
     mmt = a.method != "baseline"
     if len(init_models) != (2 if mmt else 1):
         raise ValueError(f"method {a.method} needs {2 if mmt else 1} pre-trained model(s), got {len(init_models)}")
-    check_policy(r.on_nonfinite)
-    if r.sync_bn and r.bn_split:
-        raise ValueError("run.sync_bn and run.bn_split exclude each other: set run.bn_split=0 with SyncBN")
     out_dir = Path(out_dir)
-    ctx = ddp.setup(resolve_device(r.device))
-    device = ctx.device
-    ddp.check_batch_shares(d.batch_size, d.num_instances, ctx)
-    configure_threads(r.num_threads)
-    set_deterministic(r.deterministic)
-    seed_everything(r.seed)
-    students = [load_model_file(pth, opts, device) for pth in init_models]
-    if r.sync_bn:
-        students = ddp.convert_sync_bn(students, ctx)
-    teachers = [_make_teacher(s) for s in students] if mmt else []
-    if a.method == "dbscan":
-        clusterer = build_clusterer("dbscan", k1=a.k1, k2=a.k2, rho=a.rho, min_samples=a.min_samples,
-                                    seed=r.seed, num_threads=r.num_threads)
-    elif a.method == "oracle":
-        clusterer = build_clusterer("known", labels=np.array([x.pid for x in target.train]))
-    else:
-        clusterer = build_clusterer("kmeans", k=a.k, seed=r.seed, backend=a.cluster_backend,
-                                    num_threads=r.num_threads)
-    st = _State()
-    if resume and (restored := _resume(out_dir, students + teachers, teachers, clusterer, device, ctx)):
-        st = restored
-        log.info("resumed %s at epoch %d (global step %d)", a.method, st.epoch, st.global_step)
-    ddp.broadcast_state(students + teachers, ctx)  # every rank starts from rank 0's networks
-
-    logger = RunLogger(out_dir) if ctx.is_main else None
-    if logger is not None:
-        logger.start_at(st.epoch)
-    loader = None
-    records = target.train
-    true_ids = np.array([x.pid for x in records])  # for the logged diagnostic only, never trained on
-    true_cams = np.array([x.camid for x in records])
-    eval_net = teachers[0] if mmt else students[0]
-    for epoch in range(st.epoch, a.epochs):
-        seed_everything(epoch_seed(r.seed, epoch))
-        times = {}
-        # 1. features of the target training set from the teachers (the student for one model)
-        t0 = time.perf_counter()
-        feats = [extract(net, records, d, r, device, m, f"extract ep{epoch}", ctx) for net in (teachers or students)]
-        cf = torch.stack(feats).mean(0)
-        if a.method == "dbscan":
-            cf = F.normalize(cf, dim=1)
-        times["extract_seconds"] = time.perf_counter() - t0
-        # 2. cluster once (rank 0) -> pseudo-labels and centroids on every rank
-        t0 = time.perf_counter()
-        res = ddp.run_on_main(ctx, _cluster, clusterer, cf, epoch, a, d)
-        labels = np.asarray(res.labels, dtype=np.int64)
-        times["cluster_seconds"] = time.perf_counter() - t0
-        quality = {f"pseudo_{k}": v for k, v in pseudo_label_quality(labels, true_ids, true_cams).items()}
-        # 3. classifiers of all networks <- normalised centroids; 4. fresh optimiser
-        _set_classifiers(students, teachers, res.centroids.to(device))
-        optimizer = adam(students, a.lr, a.weight_decay)
-        nets = [ddp.wrap_ddp(s, ctx) for s in students]  # re-wrapped: the classifiers are new
-        if loader is None:
-            loader = build_train_loader(records, labels, d.height, d.width, batch_size=d.batch_size,
-                                        num_instances=d.num_instances, num_views=2 if mmt else 1,
-                                        workers=d.workers, seed=r.seed, erase=a.erase, backend=d.backend,
-                                        rank=ctx.rank, world_size=ctx.world_size)
-        else:
-            loader.set_labels(labels)
-        # 5. train
-        if ctx.is_main:
-            log.info("%s epoch %d: training %d iterations on %d clusters (NMI to the true ids %.3f, "
-                     "cross-camera pair recall %.3f)", a.method, epoch, a.iters, res.num_clusters,
-                     quality["pseudo_nmi"], quality["pseudo_pair_recall_cross_cam"])
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        skipped = 0
-        for net in students + teachers:
-            net.train()
-        bar = tqdm(loader.epoch(epoch, a.iters), total=a.iters, desc=f"{a.method} ep{epoch}",
-                   disable=not (r.progress and ctx.is_main and sys.stderr.isatty()), leave=False)
-        ema_backend = None
-        for it, batch in enumerate(bar):
-            y = batch.labels.to(device)
-            where = f"epoch {epoch} iteration {it} (global step {st.global_step})"
-            if mmt:
-                x1 = to_device(batch.views[0], device, m.channels_last)
-                x2 = to_device(batch.views[1], device, m.channels_last)
-                with autocast(device, r.amp):
-                    f1, p1 = nets[0](x1)
-                    f2, p2 = nets[1](x2)
-                    with torch.no_grad():
-                        f1t, p1t = teachers[0](x1)
-                        f2t, p2t = teachers[1](x2)
-                    f1, f2, f1t, f2t, p1, p2, p1t, p2t, y = ddp.gather_batch(ctx, f1, f2, f1t, f2t, p1, p2, p1t, p2t, y)
-                    out = mmt_loss(f1, f2, f1t, f2t, p1, p2, p1t, p2t, y, a.soft_ce_weight,
-                                   a.soft_tri_weight, a.epsilon, backend=r.loss_backend)
-                loss = out.total
-                terms = {"loss": loss, "loss_ce": out.ce, "loss_tri": out.tri,
-                         "loss_soft_ce": out.soft_ce, "loss_soft_tri": out.soft_tri}
-            else:
-                x = to_device(batch.views[0], device, m.channels_last)
-                with autocast(device, r.amp):
-                    f, p = nets[0](x)
-                    f, p, y = ddp.gather_batch(ctx, f, p, y)
-                    ce = cross_entropy_label_smooth(p, y, a.epsilon, backend=r.loss_backend)
-                    tri = softmax_triplet_loss(f, y, backend=r.loss_backend)
-                loss = ce + tri
-                terms = {"loss": loss, "loss_ce": ce, "loss_tri": tri}
-            if not step_is_finite(loss, where, r.on_nonfinite, ctx):
-                skipped += 1
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            (loss * ctx.world_size).backward()  # DDP averages: the gradient of the global loss
-            optimizer.step()
-            ddp.broadcast_buffers(students + teachers, ctx)  # BN statistics: rank 0's (DataParallel's)
-            if mmt:
-                ema_backend = ema_update_module_(teachers, students, ema_alpha(st.global_step, a.ema_alpha),
-                                                 backend=r.ema_backend)
-            st.global_step += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        times["train_seconds"] = time.perf_counter() - t0
-        n_img = a.iters * d.batch_size * (2 if mmt else 1)
-        done = a.iters - skipped
-        record = {"stage": a.method, "epoch": epoch, **{k: v / done for k, v in sums.items()},
-                  "num_clusters": int(res.num_clusters), "num_outliers": int((labels < 0).sum()),
-                  "global_step": st.global_step, **times, "images_per_second": n_img / times["train_seconds"],
-                  "ema_backend": ema_backend, "skipped_steps": skipped, "world_size": ctx.world_size, **quality}
-        # 6. evaluate
-        if r.eval_every and ((epoch + 1) % r.eval_every == 0 or epoch + 1 == a.epochs):
-            met = evaluate(eval_net, target, d, r, device, m, ctx)
-            record.update(met)
-            if mmt:
-                met2 = evaluate(teachers[1], target, d, r, device, m, ctx)
-                record["T2_mAP"] = met2["mAP"]
-                record["eval_seconds"] += met2["eval_seconds"]
-            if r.select_best and met["mAP"] > st.best.get("mAP", -1.0):
-                st.best = {"epoch": epoch, **met}
-                ddp.run_on_main(ctx, atomic_save, model_file(eval_net, res.num_clusters, epoch=epoch),
-                                out_dir / "best.pt")
-        st.history.append(record)
-        ddp.run_on_main(ctx, _write_epoch, _epoch_state(epoch, st, students + teachers, labels, clusterer),
-                        record, out_dir, logger)
-        if ctx.is_main:
-            log.info("%s epoch %d: %s", a.method, epoch,
-                     ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
-
-    final_path = ddp.run_on_main(ctx, atomic_save, model_file(eval_net, eval_net.classifier.out_features,
-                                                              method=a.method), out_dir / "model.pt")
+    rt = setup_run(opts)
+    stage = _Adapt(target, init_models, opts, rt)
+    logger = RunLogger(out_dir) if rt.is_main else None
+    st = run_epochs(stage, rt, out_dir, logger, resume, eval_every=r.eval_every, select_best=r.select_best,
+                    start=stage.start)
+    eval_net = stage.eval_net
+    final_path = ddp.run_on_main(rt.ctx, atomic_save, model_file(eval_net, eval_net.classifier.out_features,
+                                                                 method=a.method), out_dir / "model.pt")
     last = st.history[-1] if st.history else {}
     metrics = {k: last[k] for k in ("mAP", "rank1", "rank5", "rank10") if k in last}
     if not metrics:
-        metrics = evaluate(eval_net, target, d, r, device, m, ctx)
+        metrics = stage.evaluate(eval_net)
         metrics.pop("eval_seconds")
     if r.select_best and st.best:
         metrics = {k: st.best[k] for k in ("mAP", "rank1", "rank5", "rank10")} | {"epoch": st.best["epoch"]}

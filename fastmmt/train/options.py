@@ -1,5 +1,10 @@
 """Typed options of the training stages; defaults are the paper's recipe (docs/training.md, and
-docs/fidelity.md for where fastmmt differs from the official code as it ran)."""
+docs/fidelity.md for where fastmmt differs from the official code as it ran).
+
+:func:`option_choices` is the one list of allowed values, read from the library's own lists
+(architectures, backends, policies); :func:`check_options` checks a whole set of options before
+a stage starts, and the CLI runs it when a config loads.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,6 +59,7 @@ class PretrainOptions:
 
 
 ADAPT_METHODS = ("kmeans", "dbscan", "baseline", "oracle")  # MMT on clusters x 2, one model, MMT on true ids
+NONFINITE_POLICIES = ("stop", "skip")  # NaN/inf loss: stop the run, or skip the step
 
 
 @dataclass
@@ -96,6 +102,10 @@ class RunOptions:
     progress: bool = True
     deterministic: bool = False
     num_threads: int | None = None    # CPU threads for torch/FAISS (None = all cores)
+    log_every: int = 50               # iterations between host reads of the loss sums (and the NaN check)
+    sync_each_step: bool = False      # the old step: read every loss term and the NaN flag each step
+    fused_bn_split: bool = True       # run.bn_split in one pass (False: the old per-chunk loop)
+    compile: bool = False             # torch.compile the backbones
 
 
 @dataclass
@@ -107,3 +117,41 @@ class ExperimentOptions:
     pretrain: PretrainOptions = field(default_factory=PretrainOptions)
     adapt: AdaptOptions = field(default_factory=AdaptOptions)
     run: RunOptions = field(default_factory=RunOptions)
+
+
+def option_choices() -> dict[tuple[str, str], tuple]:
+    """(section, key) -> the values the library accepts for that option."""
+    from fastmmt.cluster.kmeans import KMEANS_BACKENDS
+    from fastmmt.data.factory import BACKENDS as DATA_BACKENDS
+    from fastmmt.models import ARCHS
+    from fastmmt.ops._dispatch import BACKENDS as LOSS_BACKENDS
+    from fastmmt.ops.ema import EMA_BACKENDS
+    from fastmmt.train.runtime import AMP_CHOICES
+
+    return {
+        ("data", "backend"): DATA_BACKENDS,
+        ("model", "arch"): tuple(ARCHS),
+        ("adapt", "method"): ADAPT_METHODS,
+        ("adapt", "cluster_backend"): KMEANS_BACKENDS,
+        ("run", "amp"): AMP_CHOICES,
+        ("run", "loss_backend"): LOSS_BACKENDS,
+        ("run", "ema_backend"): EMA_BACKENDS,
+        ("run", "on_nonfinite"): NONFINITE_POLICIES,
+    }
+
+
+def check_options(opts: ExperimentOptions) -> None:
+    """Raise ``ValueError`` naming the first option whose value the library does not accept."""
+    for (section, key), allowed in option_choices().items():
+        value = getattr(getattr(opts, section), key)
+        if value not in allowed:
+            raise ValueError(f"{section}.{key} = {value!r} is not allowed; choose one of {list(allowed)}")
+    r = opts.run
+    if r.log_every < 1:
+        raise ValueError(f"run.log_every must be >= 1, got {r.log_every}")
+    if r.bn_split < 0:
+        raise ValueError(f"run.bn_split must be >= 0 (0 = the whole batch), got {r.bn_split}")
+    if r.sync_bn and r.bn_split:
+        raise ValueError("run.sync_bn and run.bn_split exclude each other: set run.bn_split=0 with SyncBN")
+    if r.num_threads is not None and r.num_threads < 1:
+        raise ValueError(f"run.num_threads must be >= 1 or null, got {r.num_threads}")

@@ -3,43 +3,163 @@ adaptation (a target batch is forwarded in train mode each iteration and its out
 from __future__ import annotations
 
 import logging
-import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
 from fastmmt.data import ReIDDataset
 from fastmmt.data.factory import build_train_loader
+from fastmmt.data.loaders import TrainBatch
 from fastmmt.ops import cross_entropy_label_smooth, softmax_triplet_loss
 from fastmmt.train import distributed as ddp
-from fastmmt.train.checkpoint import atomic_save, read_resume_checkpoint, save_checkpoint
-from fastmmt.train.common import adam, check_policy, evaluate, make_model, step_is_finite, to_device
-from fastmmt.train.logger import RunLogger
-from fastmmt.train.options import ExperimentOptions
-from fastmmt.train.runtime import (
-    autocast,
-    configure_threads,
-    epoch_seed,
-    resolve_device,
-    seed_everything,
-    set_deterministic,
+from fastmmt.train.checkpoint import atomic_save
+from fastmmt.train.common import (
+    adam,
+    check_label_range,
+    compile_backbones,
+    evaluate,
+    make_model,
+    step_is_finite,
+    to_device,
 )
+from fastmmt.train.logger import RunLogger
+from fastmmt.train.loop import FINITE, RunState, finite_flag, run_epochs
+from fastmmt.train.model_file import StageResult, model_file
+from fastmmt.train.options import ExperimentOptions
+from fastmmt.train.runtime import Runtime, autocast, setup_run
 from fastmmt.train.schedule import warmup_multistep_factor
 
 log = logging.getLogger("fastmmt.train")
 
 
-@dataclass
-class StageResult:
-    """What a stage leaves behind: the model file, final target metrics, per-stage seconds."""
+def pretrain_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch,
+                  target_batch: TrainBatch | None, opts: ExperimentOptions, rt: Runtime,
+                  where: str | Callable[[], str] = "") -> dict[str, torch.Tensor]:
+    """One pre-training step; returns its loss terms (and accuracy) as device tensors.
 
-    model_path: str
-    metrics: dict
-    seconds: dict
+    ``net`` is ``model`` as trained (DDP-wrapped under torchrun). Without ``run.sync_each_step``
+    the step reads nothing on the host: a non-finite loss reaches the fused optimiser as its
+    ``found_inf`` flag (nothing is updated) and the runner reads the flag at the next log point.
+    The target batch (BN adaptation) is forwarded after the update, on the updated weights.
+    """
+    p, m, r = opts.pretrain, opts.model, opts.run
+    device, ctx = rt.device, rt.ctx
+    sync = r.sync_each_step
+    x = to_device(batch.views[0], device, m.channels_last)
+    y = batch.labels.to(device)
+    with autocast(device, r.amp):
+        f, logits = net(x)
+        f, logits, y = ddp.gather_batch(ctx, f, logits, y)
+        ce = cross_entropy_label_smooth(logits, y, p.epsilon, backend=r.loss_backend, check_labels=sync)
+        tri = softmax_triplet_loss(f, y, backend=r.loss_backend)
+        loss = ce + tri
+    acc = (logits.detach().argmax(1) == y).float().mean()
+    terms = {"loss_ce": ce.detach(), "loss_tri": tri.detach(), "acc": acc}
+    if sync:
+        if not step_is_finite(loss, where, r.on_nonfinite, ctx):
+            return {**terms, "loss": loss.detach(), FINITE: torch.tensor(False)}
+        ok = torch.tensor(True)
+    else:
+        ok = finite_flag(loss, ctx)
+        optimizer.found_inf = (~ok).to(torch.float32)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * ctx.world_size).backward()  # DDP averages: the gradient of the global loss
+    optimizer.step()
+    if target_batch is not None:
+        with torch.no_grad(), autocast(device, r.amp):
+            model(to_device(target_batch.views[0], device, m.channels_last))  # BN statistics only
+    ddp.broadcast_buffers([model], ctx)  # BN statistics: rank 0's (DataParallel's)
+    return {**terms, "loss": loss.detach(), FINITE: ok}
+
+
+class _Pretrain:
+    """Stage I as :func:`~fastmmt.train.loop.run_epochs` drives it."""
+
+    def __init__(self, source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOptions, rt: Runtime):
+        d, m, p, r = opts.data, opts.model, opts.pretrain, opts.run
+        self.opts, self.rt, self.target = opts, rt, target
+        self.name, self.epochs, self.iters = "pretrain", p.epochs, p.iters
+        self.num_classes = source.num_train_pids
+        model = make_model(m, self.num_classes, rt.device, r.bn_split, pretrained=m.pretrained,
+                           fused_bn_split=r.fused_bn_split)
+        if r.sync_bn:
+            (model,) = ddp.convert_sync_bn([model], rt.ctx)
+        self.model = model
+        self.optimizer = adam([model], p.lr, p.weight_decay, fused=not r.sync_each_step)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda e: warmup_multistep_factor(e, p.milestones, p.gamma, p.warmup_factor, p.warmup_epochs))
+        shard = dict(rank=rt.ctx.rank, world_size=rt.ctx.world_size)
+        labels = np.array([x.pid for x in source.train])
+        check_label_range(labels, self.num_classes, f"source dataset {source.name}")
+        self.src = build_train_loader(source.train, labels, d.height, d.width,
+                                      batch_size=d.batch_size, num_instances=d.num_instances, num_views=1,
+                                      workers=d.workers, seed=rt.seed, erase=p.erase, backend=d.backend, **shard)
+        self.tgt = None
+        if target is not None and p.target_bn_forward:
+            # K = 1 with one "identity" per image: a random permutation of the target images.
+            self.tgt = build_train_loader(target.train, np.arange(len(target.train)), d.height, d.width,
+                                          batch_size=d.batch_size, num_instances=1, num_views=1,
+                                          workers=d.workers, seed=rt.seed + 7, erase=p.erase,
+                                          backend=d.backend, **shard)
+        self.images_per_step = d.batch_size * (2 if self.tgt is not None else 1)
+        self._tgt_iter = None
+
+    def start(self) -> None:
+        """After a resume: broadcast rank 0's weights, wrap for DDP, compile."""
+        ddp.broadcast_state([self.model], self.rt.ctx)
+        self.net = ddp.wrap_ddp(self.model, self.rt.ctx)
+        if self.opts.run.compile:
+            compile_backbones([self.model])
+
+    def state_dict(self, epoch: int, st: RunState) -> dict:
+        return {"epoch": epoch, "global_step": st.global_step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, ck: dict) -> RunState:
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        return RunState(ck["epoch"] + 1, ck.get("global_step", 0))
+
+    def begin_epoch(self, epoch: int, st: RunState) -> dict:
+        self.model.train()
+        self._tgt_iter = self.tgt.epoch(epoch, self.iters) if self.tgt is not None else None
+        return {"lr": self.optimizer.param_groups[0]["lr"]}
+
+    def batches(self, epoch: int):
+        return self.src.epoch(epoch, self.iters)
+
+    def step(self, batch: TrainBatch, it: int, global_step: int, where: Callable[[], str]) -> dict:
+        tb = next(self._tgt_iter) if self._tgt_iter is not None else None
+        return pretrain_step(self.net, self.model, self.optimizer, batch, tb, self.opts, self.rt, where)
+
+    def describe(self, epoch: int, it: int, global_step: int, batch: TrainBatch | None) -> str:
+        imgs = f" (images {batch.indices[:4].tolist()}...)" if batch is not None else ""
+        return f"pre-training epoch {epoch} iteration {it}{imgs}"
+
+    def end_epoch(self, epoch: int, record: dict) -> None:
+        self.sched.step()
+        if self.rt.is_main:
+            log.info("pretrain seed %d epoch %d: ce %s tri %s acc %s (%.1f img/s)", self.rt.seed, epoch,
+                     *(f"{record[k]:.3f}" if record[k] is not None else "-" for k in ("loss_ce", "loss_tri", "acc")),
+                     record["images_per_second"])
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def evaluate(self, net: nn.Module) -> dict[str, float]:
+        o = self.opts
+        return evaluate(net, self.target, o.data, o.run, self.rt.device, o.model, self.rt.ctx)
+
+    def model_file(self, name: str, **extra) -> dict:
+        return model_file(self.model, self.num_classes, seed=self.rt.seed, **extra)
+
+    def write_epoch(self, state: dict, out_dir: Path) -> None:
+        pass
 
 
 def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOptions, seed: int,
@@ -49,110 +169,26 @@ def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOp
     ``target`` may be None (no BN adaptation, no evaluation). With ``resume`` the run continues
     from ``out_dir/ckpt``'s last readable epoch.
     """
-    d, m, p, r = opts.data, opts.model, opts.pretrain, opts.run
-    check_policy(r.on_nonfinite)
-    if r.sync_bn and r.bn_split:
-        raise ValueError("run.sync_bn and run.bn_split exclude each other: set run.bn_split=0 with SyncBN")
+    d, p = opts.data, opts.pretrain
     _check_enough(source, "source", source.num_train_pids, d.batch_size, d.num_instances)
     if target is not None and p.target_bn_forward:
         _check_enough(target, "target", len(target.train), d.batch_size, 1)
     out_dir = Path(out_dir)
-    ctx = ddp.setup(resolve_device(r.device))
-    device = ctx.device
-    ddp.check_batch_shares(d.batch_size, d.num_instances, ctx)
-    configure_threads(r.num_threads)
-    set_deterministic(r.deterministic)
-    seed_everything(seed)
-    model = make_model(m, source.num_train_pids, device, r.bn_split, pretrained=m.pretrained)
-    if r.sync_bn:
-        (model,) = ddp.convert_sync_bn([model], ctx)
-    optimizer = adam([model], p.lr, p.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: warmup_multistep_factor(e, p.milestones, p.gamma, p.warmup_factor, p.warmup_epochs))
-    start = 0
-    if resume and (state := read_resume_checkpoint(out_dir / "ckpt", device, ctx)) is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = state["epoch"] + 1
-        log.info("resumed pre-training at epoch %d from %s", start, out_dir / "ckpt")
-    ddp.broadcast_state([model], ctx)
-    net = ddp.wrap_ddp(model, ctx)
-
-    shard = dict(rank=ctx.rank, world_size=ctx.world_size)
-    src = build_train_loader(source.train, np.array([x.pid for x in source.train]), d.height, d.width,
-                             batch_size=d.batch_size, num_instances=d.num_instances, num_views=1,
-                             workers=d.workers, seed=seed, erase=p.erase, backend=d.backend, **shard)
-    tgt = None
-    if target is not None and p.target_bn_forward:
-        # K = 1 with one "identity" per image: a random permutation of the target images.
-        tgt = build_train_loader(target.train, np.arange(len(target.train)), d.height, d.width,
-                                 batch_size=d.batch_size, num_instances=1, num_views=1,
-                                 workers=d.workers, seed=seed + 7, erase=p.erase, backend=d.backend, **shard)
-    logger = RunLogger(out_dir) if ctx.is_main else None
-    if logger is not None:
-        logger.start_at(start)
-    train_seconds = 0.0
-    for epoch in range(start, p.epochs):
-        seed_everything(epoch_seed(seed, epoch))
-        model.train()
-        t0 = time.perf_counter()
-        sums = {"loss_ce": 0.0, "loss_tri": 0.0, "acc": 0.0}
-        skipped = 0
-        tgt_iter = tgt.epoch(epoch, p.iters) if tgt is not None else None
-        bar = tqdm(src.epoch(epoch, p.iters), total=p.iters, desc=f"pretrain s{seed} ep{epoch}",
-                   disable=not (r.progress and ctx.is_main and sys.stderr.isatty()), leave=False)
-        for it, batch in enumerate(bar):
-            x = to_device(batch.views[0], device, m.channels_last)
-            y = batch.labels.to(device)
-            with autocast(device, r.amp):
-                f, logits = net(x)
-                f, logits, y = ddp.gather_batch(ctx, f, logits, y)
-                ce = cross_entropy_label_smooth(logits, y, p.epsilon, backend=r.loss_backend)
-                tri = softmax_triplet_loss(f, y, backend=r.loss_backend)
-                loss = ce + tri
-            tb = next(tgt_iter) if tgt_iter is not None else None
-            where = f"pre-training epoch {epoch} iteration {it} (images {batch.indices[:4].tolist()}...)"
-            if not step_is_finite(loss, where, r.on_nonfinite, ctx):
-                skipped += 1
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            (loss * ctx.world_size).backward()  # DDP averages: the gradient of the global loss
-            optimizer.step()
-            if tb is not None:
-                with torch.no_grad(), autocast(device, r.amp):
-                    model(to_device(tb.views[0], device, m.channels_last))  # BN statistics only
-            ddp.broadcast_buffers([model], ctx)  # BN statistics: rank 0's (DataParallel's)
-            sums["loss_ce"] += ce.item()
-            sums["loss_tri"] += tri.item()
-            sums["acc"] += (logits.argmax(1) == y).float().mean().item()
-            bar.set_postfix(ce=f"{ce.item():.3f}", tri=f"{tri.item():.3f}")
-        sched.step()
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        n_img = p.iters * d.batch_size * (2 if tgt is not None else 1)
-        done = max(p.iters - skipped, 1)
-        record = {"stage": "pretrain", "seed": seed, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                  **{k: v / done for k, v in sums.items()}, "train_seconds": seconds,
-                  "images_per_second": n_img / seconds, "skipped_steps": skipped, "world_size": ctx.world_size}
-        state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": sched.state_dict()}
-        ddp.run_on_main(ctx, _write_epoch, state, record, out_dir, logger)
-        if ctx.is_main:
-            log.info("pretrain seed %d epoch %d: ce %.3f tri %.3f acc %.3f (%.1f img/s)", seed, epoch,
-                     record["loss_ce"], record["loss_tri"], record["acc"], record["images_per_second"])
-
-    model_path = ddp.run_on_main(ctx, atomic_save, model_file(model, source.num_train_pids, seed=seed),
-                                 out_dir / "model.pt")
-    metrics = {}
+    rt = setup_run(opts, seed)
+    stage = _Pretrain(source, target, opts, rt)
+    logger = RunLogger(out_dir) if rt.is_main else None
+    st = run_epochs(stage, rt, out_dir, logger, resume, record_extra=lambda e: {"seed": seed}, start=stage.start)
+    model_path = ddp.run_on_main(rt.ctx, atomic_save, stage.model_file("model"), out_dir / "model.pt")
+    metrics: dict = {}
     eval_seconds = 0.0
     if target is not None:
-        metrics = evaluate(model, target, d, r, device, m, ctx)
+        metrics = stage.evaluate(stage.model)
         eval_seconds = metrics.pop("eval_seconds")
         if logger is not None:
             logger.log({"stage": "pretrain", "seed": seed, "final": True, **metrics})
     if logger is not None:
         logger.close()
+    train_seconds = sum(h["train_seconds"] for h in st.history)
     return StageResult(str(model_path), metrics, {"train": train_seconds, "eval": eval_seconds})
 
 
@@ -164,46 +200,3 @@ def _check_enough(dataset: ReIDDataset, role: str, available: int, batch_size: i
         raise ValueError(f"{role} dataset {dataset.name} ({dataset.root}) has {available} {what} but a batch of "
                          f"data.batch_size={batch_size} with {num_instances} image(s) each needs {need}; "
                          f"lower data.batch_size")
-
-
-def _write_epoch(state: dict, record: dict, out_dir: Path, logger: RunLogger) -> None:
-    """Rank 0's end of an epoch: checkpoint first (atomic), then the log."""
-    save_checkpoint(state, out_dir / "ckpt")
-    logger.log(record)
-
-
-ARCH_KEYS = ("arch", "base_width", "dropout")  # the model options a model file fixes
-
-
-def model_file(model: torch.nn.Module, num_classes: int, **extra) -> dict:
-    """What a ``model.pt`` holds: weights, classifier size and the options the network was built
-    with (by :func:`~fastmmt.train.common.make_model`)."""
-    return {"model": model.state_dict(), "num_classes": int(num_classes),
-            "model_options": asdict(model.model_options), **extra}
-
-
-def load_model_file(path: str | Path, opts: ExperimentOptions, device: torch.device):
-    """Build the network a ``model.pt`` describes and load its weights.
-
-    The architecture comes from the options saved in the file (older files without them: the
-    run's ``model`` options); the run keeps its own channels_last and BN split.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist (run `fastmmt pretrain` first)")
-    state = torch.load(path, map_location=device, weights_only=False)
-    mopts = opts.model
-    saved = {k: v for k, v in (state.get("model_options") or {}).items() if k in ARCH_KEYS}
-    differ = {k: v for k, v in saved.items() if getattr(mopts, k) != v}
-    if differ:
-        log.warning("%s holds a %s network; building that, not the run's model options (%s)", path,
-                    ", ".join(f"{k}={v}" for k, v in differ.items()),
-                    ", ".join(f"{k}={getattr(mopts, k)}" for k in differ))
-        mopts = replace(mopts, **differ)
-    model = make_model(mopts, state["num_classes"], device, opts.run.bn_split)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise ValueError(f"model file {path} does not fit model.arch={mopts.arch} "
-                         f"model.base_width={mopts.base_width}: {str(e).splitlines()[0]}") from None
-    return model

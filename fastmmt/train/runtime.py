@@ -1,12 +1,18 @@
-"""Device, precision, seeding and determinism: the few facts every stage needs about the machine."""
+"""Device, precision, seeding and determinism: the few facts every stage needs about the machine,
+and :func:`setup_run`, which settles them once per stage run."""
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from fastmmt.train import distributed as ddp
+from fastmmt.train.distributed import DistContext
+from fastmmt.train.options import ExperimentOptions, check_options
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -20,6 +26,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 _AMP = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_CHOICES = (None, "bf16", "fp16")  # run.amp
 
 
 def autocast(device: torch.device, amp: str | None):
@@ -63,3 +70,36 @@ def configure_threads(num_threads: int | None) -> None:
 def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
     """A distinct, reproducible seed per (run seed, epoch, stream) so a resumed epoch replays exactly."""
     return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**31 - 1)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a stage runs on: the options, this process's place in the run, its device."""
+
+    opts: ExperimentOptions
+    ctx: DistContext
+    seed: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
+
+
+def setup_run(opts: ExperimentOptions, seed: int | None = None) -> Runtime:
+    """Check the options, join the process group (torchrun), set threads, determinism and seeds.
+
+    ``seed`` defaults to ``run.seed`` (pre-training passes its own per model).
+    """
+    check_options(opts)
+    r, d = opts.run, opts.data
+    ctx = ddp.setup(resolve_device(r.device))
+    ddp.check_batch_shares(d.batch_size, d.num_instances, ctx)
+    configure_threads(r.num_threads)
+    set_deterministic(r.deterministic)
+    seed = r.seed if seed is None else seed
+    seed_everything(seed)
+    return Runtime(opts, ctx, seed)
