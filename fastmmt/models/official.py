@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from fastmmt.models.reid import ReIDNet
 from fastmmt.models.resnet import ARCHS, BasicBlock, Bottleneck, build_backbone
@@ -136,13 +137,28 @@ def _load_pickle(path: str) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def is_official_checkpoint(obj: object) -> bool:
+    """True for what ``torch.load`` returns from an official release file: ``{"state_dict": ...}``
+    or a bare state dict, in the official key layout."""
+    if not isinstance(obj, dict):
+        return False
+    state = obj.get("state_dict", obj)
+    return isinstance(state, dict) and is_official_state_dict(state)
+
+
 def read_official_checkpoint(path: str | os.PathLike) -> OfficialCheckpoint:
     """Read an official release file (``{"state_dict", "epoch", "best_mAP"}`` or a bare state
     dict in the official layout) and convert it (:func:`convert_official_state_dict`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path} does not exist")
-    obj = _load_pickle(path)
+    return official_checkpoint_from(_load_pickle(path), path)
+
+
+def official_checkpoint_from(obj: object, path: str | os.PathLike = "<object>") -> OfficialCheckpoint:
+    """:func:`read_official_checkpoint` on an already loaded file's contents (``path`` names it
+    in errors)."""
+    path = os.fspath(path)
     meta = obj if isinstance(obj, dict) else {}
     state = meta.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict):
@@ -162,6 +178,13 @@ def load_official_model(path: str | os.PathLike) -> ReIDNet:
     """A :class:`ReIDNet` holding the official release file ``path`` (architecture from the file)."""
     ckpt = read_official_checkpoint(path)
     model = ReIDNet(build_backbone(ckpt.arch, base_width=ckpt.base_width, last_stride=1), ckpt.num_classes)
+    load_official_weights(model, ckpt, path)
+    return model
+
+
+def load_official_weights(model: nn.Module, ckpt: OfficialCheckpoint, path: str | os.PathLike = "<object>") -> None:
+    """Copy a converted checkpoint into ``model`` (a :class:`ReIDNet` of ``ckpt.arch``, possibly
+    with its BN layers replaced by a subclass); a shape or key that does not fit is an error."""
     own = model.state_dict()
     for key, value in ckpt.state_dict.items():
         if key in own and own[key].shape != value.shape:
@@ -173,4 +196,3 @@ def load_official_model(path: str | os.PathLike) -> ReIDNet:
     if missing or result.unexpected_keys:
         raise NotOfficialCheckpointError(f"{os.fspath(path)}: missing {missing[:6]}, "
                                          f"unexpected {result.unexpected_keys[:6]}")
-    return model
