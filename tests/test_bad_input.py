@@ -180,13 +180,14 @@ def test_unknown_cluster_backend_fails_when_the_config_loads(env, capsys, monkey
     assert str(list(KMEANS_BACKENDS)) in err
 
 
-def _nan_at(step: int, real):
+def _nan_at(step: int | set, real):
     calls = [0]
+    steps = step if isinstance(step, set) else {step}
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         calls[0] += 1
-        if calls[0] == step + 1:
+        if calls[0] - 1 in steps:
             return out._replace(total=out.total * float("nan"))
         return out
     return poisoned
@@ -247,3 +248,21 @@ def test_disk_full_while_writing_a_checkpoint(env, capsys, monkeypatch, tmp_path
     assert torch.load(run / "ckpt" / "last.pt", weights_only=False)["epoch"] == 0  # previous one intact
     assert [json.loads(x)["epoch"] for x in (run / "log.jsonl").read_text().splitlines()] == [0]
     assert not list(run.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("sync_each_step", [False, True])
+def test_every_step_of_an_epoch_skipped(env, monkeypatch, tmp_path, sync_each_step):
+    """All steps refused (skip): the epoch's record has no loss means (None) instead of a division
+    by zero, counts every step as skipped, and nothing moved (the checkpoint holds the starting
+    students, global step 0)."""
+    monkeypatch.setattr(mmt_mod, "mmt_loss", _nan_at(set(range(100)), mmt_mod.mmt_loss))
+    o = tiny_options(tmp_path)
+    o.adapt.epochs, o.adapt.iters, o.run.eval_every, o.run.on_nonfinite = 1, 2, 0, "skip"
+    o.run.sync_each_step = sync_each_step
+    adapt(load_dataset("synthetic", env["tgt"]), env["inits"], o, tmp_path / "run")
+    rec = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert rec["skipped_steps"] == 2 and rec["global_step"] == 0
+    assert rec["loss"] is None and rec["loss_ce"] is None
+    ck = torch.load(tmp_path / "run" / "ckpt" / "last.pt", weights_only=False)
+    start = torch.load(env["inits"][0])["model"]
+    assert torch.equal(ck["nets"][0]["backbone.conv1.weight"], start["backbone.conv1.weight"])

@@ -21,7 +21,7 @@ from fastmmt.data import generate_domains, load_dataset
 from fastmmt.data.loaders import TrainBatch
 from fastmmt.ops import reference as ref
 from fastmmt.train import adapt, evaluate_model_file, load_model_file, pretrain
-from fastmmt.train.common import adam, make_model
+from fastmmt.train.common import adam, adam_impl, make_model
 from fastmmt.train.distributed import DistContext
 from fastmmt.train.loop import RunState, _evaluate_epoch
 from fastmmt.train.model_file import model_file
@@ -90,7 +90,7 @@ def test_target_bn_forward_runs_before_the_update():
     src = TrainBatch((xs,), y, torch.zeros(16, dtype=torch.long), torch.arange(16))
     tgt = TrainBatch((xt,), y, torch.zeros(16, dtype=torch.long), torch.arange(16))
     rt = Runtime(o, DistContext(device=torch.device("cpu")), 0)
-    opt = adam([model], 1e-2, 5e-4, fused=True)  # what Stage I builds (the step sets its found_inf)
+    opt = adam([model], 1e-2, 5e-4, adam_impl(o.run))  # the Adam Stage I builds
     out = pretrain_step(model, model, opt, src, tgt, o, rt, "test")
     assert bool(out["finite"])
 

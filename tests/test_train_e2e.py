@@ -156,3 +156,98 @@ def test_cli_evaluate_and_clear_errors(domains, pretrained, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["adapt", "--set", "adapt.method=kmeanz"]) == 2
     assert "adapt.method" in capsys.readouterr().err
+
+
+@pytest.fixture
+def restore_torch_globals():
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)
+
+
+def _switch_runs(target, inits, out, tmp_path, monkeypatch, bn_split):
+    """k-means MMT, 2 epochs x 2 iterations, every speed switch off then on; returns the
+    pseudo-labels per (run, epoch), the logged records and the last checkpoint's networks."""
+    labels, run_name = {}, [""]
+    real = mmt_mod._cluster
+
+    def recording(clusterer, cf, epoch, a, d):
+        res = real(clusterer, cf, epoch, a, d)
+        labels[(run_name[0], epoch)] = np.asarray(res.labels).copy()
+        return res
+    monkeypatch.setattr(mmt_mod, "_cluster", recording)
+    nets, logs = {}, {}
+    for name, on in (("off", False), ("on", True)):
+        o = tiny_options(out)
+        o.adapt.epochs, o.adapt.iters = 2, 2
+        o.run.loss_backend, o.run.deterministic, o.run.num_threads, o.run.eval_every = "torch", True, 1, 0
+        o.run.bn_split = bn_split
+        o.run.sync_each_step, o.run.fused_bn_split = not on, on
+        run_name[0] = name
+        adapt(target, inits, o, tmp_path / name)
+        nets[name] = torch.load(tmp_path / name / "ckpt" / "last.pt", weights_only=False)["nets"]
+        logs[name] = [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()
+                      if "epoch" in json.loads(x)]
+    for epoch in (0, 1):
+        assert np.array_equal(labels[("off", epoch)], labels[("on", epoch)]), epoch
+    for a, b in zip(logs["off"], logs["on"]):
+        assert a["global_step"] == b["global_step"] and a["skipped_steps"] == b["skipped_steps"] == 0
+    return logs, nets
+
+
+LOSS_KEYS = ("loss", "loss_ce", "loss_tri", "loss_soft_ce", "loss_soft_tri")
+
+
+def test_fast_step_changes_no_number(domains, pretrained, monkeypatch, tmp_path, restore_torch_globals):
+    """Switches off (``run.sync_each_step``: the loss read before backward and every term after
+    each step, the label check in every loss call, torch's default Adam) vs on (the default: loss
+    sums on the device, read once per ``run.log_every``; the ``foreach`` Adam), no BN split, CPU,
+    fp32, deterministic, loss backend torch: the same pseudo-labels, the same losses and the same
+    weights, bit for bit (the foreach Adam does the loop's arithmetic; the sums are float64 on
+    both sides, added in the same order)."""
+    _, target = domains
+    out, inits = pretrained
+    logs, nets = _switch_runs(target, inits, out, tmp_path, monkeypatch, bn_split=0)
+    for a, b in zip(logs["off"], logs["on"]):
+        for k in LOSS_KEYS:
+            assert a[k] == pytest.approx(b[k], rel=1e-12, abs=1e-6), (a["epoch"], k)
+    for x, y in zip(nets["off"], nets["on"]):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+def test_one_pass_split_bn_changes_only_rounding(domains, pretrained, monkeypatch, tmp_path, restore_torch_globals):
+    """The same with ``run.bn_split`` 8 of 16, where ``run.fused_bn_split`` also switches the
+    chunk loop for the one-pass split BN. That sums each chunk's statistics in one ``var_mean``
+    instead of ``F.batch_norm``'s kernel: the normalised activations differ in the last bits, so
+    the two runs start an ulp apart and the bounds are those of float32 rounding carried through
+    the steps:
+
+    - pseudo-labels: identical (both epochs);
+    - losses of epoch 0 (the first step's weights are equal): relative 1e-6;
+    - losses of epoch 1 (after 2 Adam steps on weights an ulp apart): relative 1e-5. The triplet
+      distances ``sqrt(|a|^2 + |b|^2 - 2ab)`` lose digits to cancellation between the squared
+      norms, so their terms carry the largest relative difference (measured 2e-6);
+    - weights: every element within ``2 * lr * steps`` (Adam divides by sqrt(v): an element whose
+      gradient is near 0 can take a step of up to lr of either sign from an ulp of difference in
+      its gradient) and all but a few in 1e-3 of them within rtol 1e-4 / atol 1e-5.
+    """
+    _, target = domains
+    out, inits = pretrained
+    logs, nets = _switch_runs(target, inits, out, tmp_path, monkeypatch, bn_split=8)
+    for a, b in zip(logs["off"], logs["on"]):
+        for k in LOSS_KEYS:
+            assert a[k] == pytest.approx(b[k], rel=1e-6 if a["epoch"] == 0 else 1e-5), (a["epoch"], k)
+    lr, steps = tiny_options(out).adapt.lr, 4
+    odd = total = 0
+    for x, y in zip(nets["off"], nets["on"]):
+        for k in x:
+            if not x[k].is_floating_point():
+                assert torch.equal(x[k], y[k]), k
+                continue
+            d = (x[k] - y[k]).abs()
+            assert float(d.max()) <= 2 * lr * steps, k
+            odd += int((d > 1e-5 + 1e-4 * x[k].abs()).sum())
+            total += d.numel()
+    assert odd <= 1e-3 * total, (odd, total)

@@ -183,3 +183,93 @@ def test_load_model_file_builds_the_saved_architecture(tmp_path, caplog):
     atomic_save({"model": net.state_dict(), "num_classes": 7}, tmp_path / "old.pt")
     with pytest.raises(ValueError, match=r"old\.pt does not fit model\.arch=resnet50"):
         load_model_file(tmp_path / "old.pt", opts, torch.device("cpu"))
+
+
+def _split_bn_reference(x: torch.Tensor, split: int, weight, bias, eps: float) -> torch.Tensor:
+    """float64: each chunk normalised by its own biased statistics."""
+    dims = (0, *range(2, x.dim()))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    out = []
+    for c in x.double().split(split):
+        mu = c.mean(dims, keepdim=True)
+        var = c.var(dims, unbiased=False, keepdim=True)
+        out.append((c - mu) / torch.sqrt(var + eps) * weight.double().view(shape) + bias.double().view(shape))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("shape,split", [((16, 5, 6, 3), 4), ((12, 7), 3), ((8, 4, 3, 5), 8), ((10, 3, 2, 2), 4)])
+def test_one_pass_split_batchnorm_equals_the_chunk_loop_and_float64(shape, split, gen):
+    """The one-pass forward (one var_mean, one addcmul) against the old chunk loop and a float64
+    reference: outputs, input/weight/bias gradients, running statistics (chunk 0 only). (10, ...)
+    with split 4 is not a multiple: the fused module falls back to the loop there."""
+    bn = nn.BatchNorm2d(shape[1]) if len(shape) == 4 else nn.BatchNorm1d(shape[1])
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=gen)
+        bn.bias.uniform_(-0.5, 0.5, generator=gen)
+        bn.running_mean.uniform_(-1, 1, generator=gen)
+        bn.running_var.uniform_(0.5, 2, generator=gen)
+    fused, loop = SplitBatchNorm(bn, split, fused=True), SplitBatchNorm(bn, split, fused=False)
+    x = torch.randn(shape, generator=gen) * 3 + 1
+    g = torch.randn(shape, generator=gen)
+    outs, grads = [], []
+    for mod in (fused, loop):
+        xi = x.clone().requires_grad_(True)
+        out = mod(xi)
+        (out * g).sum().backward()
+        outs.append(out.detach())
+        grads.append((xi.grad, mod.weight.grad, mod.bias.grad))
+    xr = x.double().requires_grad_(True)
+    w64 = bn.weight.detach().double().requires_grad_(True)
+    b64 = bn.bias.detach().double().requires_grad_(True)
+    ref = _split_bn_reference(xr, split, w64, b64, bn.eps)
+    (ref * g.double()).sum().backward()
+    for out, (gx, gw, gb) in zip(outs, grads):
+        torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gx.double(), xr.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gw.double(), w64.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gb.double(), b64.grad, rtol=1e-4, atol=1e-4)
+    # float32 against each other: only the order of summation differs
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
+    dims = (0, *range(2, x.dim()))
+    c0 = x[:split].double()
+    exp_mean = 0.9 * bn.running_mean.double() + 0.1 * c0.mean(dims)
+    exp_var = 0.9 * bn.running_var.double() + 0.1 * c0.var(dims, unbiased=True)
+    for mod in (fused, loop):
+        torch.testing.assert_close(mod.running_mean.double(), exp_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(mod.running_var.double(), exp_var, rtol=1e-6, atol=1e-6)
+        assert int(mod.num_batches_tracked) == 1
+
+
+def test_one_pass_split_batchnorm_under_channels_last_and_bf16(gen):
+    bn = nn.BatchNorm2d(4)
+    fused, loop = SplitBatchNorm(bn, 4, fused=True), SplitBatchNorm(bn, 4, fused=False)
+    x = torch.randn(8, 4, 5, 3, generator=gen).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused(x), loop(x), rtol=1e-5, atol=1e-5)
+    xb = x.bfloat16()
+    ref = _split_bn_reference(xb.float(), 4, bn.weight, bn.bias, bn.eps)
+    out = fused(xb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)  # bf16 output rounding (8 bits)
+
+
+def test_option_choices_are_the_librarys_lists():
+    from fastmmt.cli.config import CHOICES
+    from fastmmt.cluster.kmeans import KMEANS_BACKENDS
+    from fastmmt.models import ARCHS
+    from fastmmt.ops._dispatch import BACKENDS
+    from fastmmt.ops.ema import EMA_BACKENDS
+    from fastmmt.train.options import NONFINITE_POLICIES
+
+    assert CHOICES[("adapt", "cluster_backend")] == KMEANS_BACKENDS
+    assert CHOICES[("model", "arch")] == tuple(ARCHS)
+    assert CHOICES[("run", "loss_backend")] == BACKENDS
+    assert CHOICES[("run", "ema_backend")] == EMA_BACKENDS
+    assert CHOICES[("run", "on_nonfinite")] == NONFINITE_POLICIES
+    bad = "torch" if "torch" not in KMEANS_BACKENDS else "no-such-backend"
+    with pytest.raises(ConfigError, match=rf"adapt\.cluster_backend = '{bad}' is not allowed"):
+        load_options(None, [f"adapt.cluster_backend={bad}"])
+    with pytest.raises(ConfigError, match=r"run\.log_every must be >= 1"):
+        load_options(None, ["run.log_every=0"])
+    with pytest.raises(ConfigError, match="exclude each other"):
+        load_options(None, ["run.sync_bn=true", "run.bn_split=16"])

@@ -46,15 +46,35 @@ def compile_backbones(models: Iterable[nn.Module]) -> None:
         m.backbone.compile()
 
 
-def adam(models: Iterable[nn.Module], lr: float, weight_decay: float, fused: bool = False) -> torch.optim.Adam:
+def adam(models: Iterable[nn.Module], lr: float, weight_decay: float, impl: str = "default") -> torch.optim.Adam:
     """Adam over every trainable parameter of ``models`` (coupled L2 weight decay, as the reference).
 
-    ``fused``: torch's fused kernel, which takes a device-side ``found_inf`` flag (set as
-    ``optimizer.found_inf``) and then leaves parameters, moments and step count unchanged, so a
-    refused step needs no host read; its rounding differs from the per-tensor loop by an ulp.
+    ``impl`` (see :func:`adam_impl`): ``default`` (torch's choice: the per-tensor loop on the CPU,
+    ``foreach`` on CUDA), ``foreach`` (the same arithmetic, bit for bit, on tensor lists; its step counters are
+    host tensors, so it reads no device value) or ``fused`` (torch's fused kernel: it takes a
+    device-side ``found_inf`` flag, set as ``optimizer.found_inf``, and then leaves parameters,
+    moments and step counts unchanged, so a refused step needs no host read; it rounds the update
+    in another order than the loop).
     """
     params = [p for m in models for p in m.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+    extra = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **extra)
+
+
+def adam_impl(ropts: RunOptions) -> str:
+    """The Adam of a run: ``default`` for the old step (``run.sync_each_step``), ``fused`` when a
+    refused step must be skipped without a host read (``run.on_nonfinite=skip``), else ``foreach``
+    (under ``stop`` a non-finite step ends the run before anything is written)."""
+    if ropts.sync_each_step:
+        return "default"
+    return "fused" if ropts.on_nonfinite == "skip" else "foreach"
+
+
+def refuse_if_not_finite(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
+    """Hand the step's finite flag to a fused optimiser (no update when it is False); other
+    optimisers apply the step (``stop`` ends the run at the next read of the flag)."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~ok).to(torch.float32)
 
 
 def check_label_range(labels: np.ndarray, num_classes: int, what: str) -> None:

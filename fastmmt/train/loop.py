@@ -133,6 +133,9 @@ class HostMeter:
         self._window = w
         if not bool(out[FINITE]):  # the step already refused it (and, under stop, raised)
             w["bad"] += 1
+            for k in out:
+                if k != FINITE:
+                    w["sums"].setdefault(k, 0.0)
             return
         w["finite"] += 1
         for k, v in out.items():
@@ -190,8 +193,10 @@ def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState) -> tuple[di
         meter.add(it, out)
         applied = meter.done + (0 if sync else it + 1 - first_it)
         if sync:
-            meter.read()
+            w = meter.read()
             applied = meter.done
+            if w["finite"]:
+                bar.set_postfix(loss=f"{w['sums']['loss']:.3f}")
         elif (it + 1) % every == 0 or it + 1 == stage.iters:
             w = meter.read()
             _check_window(w, first_it, it, r.on_nonfinite, describe, every)

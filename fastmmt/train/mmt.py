@@ -34,10 +34,12 @@ from fastmmt.train import distributed as ddp
 from fastmmt.train.checkpoint import atomic_save
 from fastmmt.train.common import (
     adam,
+    adam_impl,
     check_label_range,
     compile_backbones,
     evaluate,
     extract,
+    refuse_if_not_finite,
     step_is_finite,
     to_device,
 )
@@ -106,11 +108,12 @@ def mmt_step(nets: list[nn.Module], students: list[nn.Module], teachers: list[nn
     """One MMT step (both students, cross supervision, optimiser, mean-teacher update).
 
     Returns the loss terms as device tensors and the step's finite flag (``"finite"``). Without
-    ``run.sync_each_step`` it reads nothing on the host: the flag goes to the fused optimiser
-    (``found_inf``: a non-finite step changes no weight) and, under ``run.on_nonfinite=skip``, to
-    the mean-teacher update as ``alpha = 1``, with the step counted on the device
-    (``step_count``, float64, incremented only by applied steps). Under ``stop`` the mean-teacher
-    update takes ``alpha`` of the host's ``global_step`` (the run ends at the next read anyway).
+    ``run.sync_each_step`` it reads nothing on the host. Under ``run.on_nonfinite=skip`` the flag
+    goes to the fused optimiser (``found_inf``: a non-finite step changes no weight) and to the
+    mean-teacher update as ``alpha = 1``, with the step counted on the device (``step_count``,
+    float64, incremented only by applied steps). Under ``stop`` the step is applied and the
+    mean-teacher update takes ``alpha`` of the host's ``global_step``: the runner reads the flag
+    at the next log point and ends the run before anything is written.
     ``info["ema_backend"]`` receives the name of the mean-teacher backend that ran.
     """
     a, m, r = opts.adapt, opts.model, opts.run
@@ -137,7 +140,7 @@ def mmt_step(nets: list[nn.Module], students: list[nn.Module], teachers: list[nn
         ok = torch.tensor(True)
     else:
         ok = finite_flag(loss, ctx)
-        optimizer.found_inf = (~ok).to(torch.float32)
+        refuse_if_not_finite(optimizer, ok)
     optimizer.zero_grad(set_to_none=True)
     (loss * ctx.world_size).backward()  # DDP averages: the gradient of the global loss
     optimizer.step()
@@ -176,7 +179,7 @@ def baseline_step(net: nn.Module, student: nn.Module, optimizer: torch.optim.Opt
         ok = torch.tensor(True)
     else:
         ok = finite_flag(loss, ctx)
-        optimizer.found_inf = (~ok).to(torch.float32)
+        refuse_if_not_finite(optimizer, ok)
     optimizer.zero_grad(set_to_none=True)
     (loss * ctx.world_size).backward()
     optimizer.step()
@@ -264,7 +267,7 @@ class _Adapt:
         quality = {f"pseudo_{k}": v for k, v in pseudo_label_quality(labels, self.true_ids, self.true_cams).items()}
         # 3. classifiers of all networks <- normalised centroids; 4. fresh optimiser
         _set_classifiers(self.students, self.teachers, res.centroids.to(device))
-        self.optimizer = adam(self.students, a.lr, a.weight_decay, fused=not r.sync_each_step)
+        self.optimizer = adam(self.students, a.lr, a.weight_decay, adam_impl(r))
         self.nets = [ddp.wrap_ddp(s, ctx) for s in self.students]  # re-wrapped: the classifiers are new
         if self.loader is None:
             self.loader = build_train_loader(self.records, labels, d.height, d.width, batch_size=d.batch_size,

@@ -18,10 +18,12 @@ from fastmmt.train import distributed as ddp
 from fastmmt.train.checkpoint import atomic_save
 from fastmmt.train.common import (
     adam,
+    adam_impl,
     check_label_range,
     compile_backbones,
     evaluate,
     make_model,
+    refuse_if_not_finite,
     step_is_finite,
     to_device,
 )
@@ -41,8 +43,9 @@ def pretrain_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optim
     """One pre-training step; returns its loss terms (and accuracy) as device tensors.
 
     ``net`` is ``model`` as trained (DDP-wrapped under torchrun). Without ``run.sync_each_step``
-    the step reads nothing on the host: a non-finite loss reaches the fused optimiser as its
-    ``found_inf`` flag (nothing is updated) and the runner reads the flag at the next log point.
+    the step reads nothing on the host: the runner reads the finite flag at the next log point
+    (``stop`` ends the run there; under ``skip`` the flag reaches the fused optimiser as its
+    ``found_inf`` and nothing is updated).
     The target batch (BN adaptation, train mode, output discarded) is forwarded after the source
     forward and BEFORE the backward pass, on the pre-step weights, as the official trainer did.
     """
@@ -68,7 +71,7 @@ def pretrain_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optim
         ok = torch.tensor(True)
     else:
         ok = finite_flag(loss, ctx)
-        optimizer.found_inf = (~ok).to(torch.float32)
+        refuse_if_not_finite(optimizer, ok)
     optimizer.zero_grad(set_to_none=True)
     (loss * ctx.world_size).backward()  # DDP averages: the gradient of the global loss
     optimizer.step()
@@ -103,7 +106,7 @@ class _Pretrain:
         if r.sync_bn:
             (model,) = ddp.convert_sync_bn([model], rt.ctx)
         self.model = model
-        self.optimizer = adam([model], p.lr, p.weight_decay, fused=not r.sync_each_step)
+        self.optimizer = adam([model], p.lr, p.weight_decay, adam_impl(r))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(p))
         shard = dict(rank=rt.ctx.rank, world_size=rt.ctx.world_size)
         labels = np.array([x.pid for x in source.train])
