@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -24,7 +23,6 @@ from fastmmt.train import adapt, evaluate_model_file, load_model_file, pretrain
 from fastmmt.train.common import adam, adam_impl, make_model
 from fastmmt.train.distributed import DistContext
 from fastmmt.train.loop import RunState, _evaluate_epoch
-from fastmmt.train.model_file import model_file
 from fastmmt.train.options import PretrainOptions
 from fastmmt.train.pretrain import lr_factor, pretrain_step
 from fastmmt.train.runtime import Runtime
