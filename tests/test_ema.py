@@ -240,3 +240,22 @@ def test_module_update_mismatch_errors_write_nothing():
     with pytest.raises(ValueError, match="2 teacher modules but 1 students"):
         ema_update_module_([teacher, teacher], [student], 0.5)
     assert all(torch.equal(p, b) for p, b in zip(teacher.parameters(), before))
+
+
+@pytest.mark.parametrize("backend", ["auto", "foreach", "loop"])
+def test_tensor_alpha_on_the_device(backend):
+    """A 0-dim tensor alpha (a trainer's device-side value): the same update as the number, and
+    alpha = 1 leaves the teacher bit for bit (a refused step); ``ext`` refuses it by name."""
+    teacher, student = _pairs([(3,), (1023,), (64, 3, 7, 7)], torch.float32)
+    t0 = [t.clone() for t in teacher]
+    name = ema_update_(teacher, student, torch.tensor(0.73, dtype=torch.float64), backend=backend)
+    assert name == ("foreach" if backend == "auto" else backend)
+    for out, a, b in zip(teacher, t0, student):
+        _assert_close(out, a, b, 0.73, torch.float32, "foreach")
+    t1 = [t.clone() for t in teacher]
+    ema_update_(teacher, student, torch.tensor(1.0), backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(teacher, t1))
+    with pytest.raises(ValueError, match="'ext' takes alpha as a number"):
+        ema_update_(teacher, student, torch.tensor(0.5), backend="ext")
+    with pytest.raises(ValueError, match="0-dim float tensor"):
+        ema_update_(teacher, student, torch.tensor([0.5]), backend=backend)

@@ -60,7 +60,7 @@ def _opts(**run) -> ExperimentOptions:
     o.model.arch, o.model.base_width = "resnet18", 8
     o.data.batch_size, o.data.num_instances = 8, 4
     o.run.loss_backend = "torch"  # the Triton interpreter itself reads values; the kernels do not
-    o.run.bn_split = 4            # the one-pass split BN in the step as well
+    o.run.bn_split, o.run.fused_bn_split = 4, True  # the one-pass split BN in the step as well
     for k, v in run.items():
         setattr(o.run, k, v)
     return o
@@ -74,7 +74,7 @@ def _batch(gen, k: int, views: int = 2) -> TrainBatch:
 
 def _nets(o, k=5):
     torch.manual_seed(0)
-    students = [make_model(o.model, k, torch.device("cpu"), o.run.bn_split) for _ in range(2)]
+    students = [make_model(o.model, k, torch.device("cpu"), o.run.bn_split, fused_bn_split=True) for _ in range(2)]
     teachers = [copy.deepcopy(s).requires_grad_(False) for s in students]
     return students, teachers
 

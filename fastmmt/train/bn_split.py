@@ -6,11 +6,15 @@ survived (DataParallel re-broadcasts device 0's buffers every forward). :class:`
 does the same on one device: chunk ``i`` is normalised with its own batch statistics and the
 running statistics are updated from chunk 0 only. In eval mode it is an ordinary BatchNorm.
 
-The default (``fused``) forward does this in one pass: the batch is viewed as (chunks, split, ...),
-one ``var_mean`` gives every chunk's statistics, and one ``addcmul`` normalises the whole batch
-with per-chunk scale and shift. ``fused=False`` keeps the per-chunk loop of ``F.batch_norm`` calls
-and a ``torch.cat`` (the old implementation; also used when the batch is not a multiple of
-``split``). The two agree up to float32 rounding: the statistics are summed in another order.
+``fused=True`` (``run.fused_bn_split``) does this in one pass: the batch is viewed as (chunks,
+split, ...), one ``var_mean`` gives every chunk's statistics, and one ``addcmul`` normalises the
+whole batch with per-chunk scale and shift; its backward is autograd's through those ops.
+``fused=False`` (the default) keeps the per-chunk loop of ``F.batch_norm`` calls and a
+``torch.cat``, whose forward and backward are torch's native BN kernels: in eager mode on a CPU
+the loop is the faster of the two (``bench/bench_bn_split.py``); the one-pass form launches a
+fixed number of kernels whatever the number of chunks. The loop also runs when the batch is not a
+multiple of ``split``. The two agree up to float32 rounding: the statistics are summed in another
+order.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from torch import nn
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm (1d/2d) whose training statistics are computed per chunk of ``split`` samples."""
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, split: int, fused: bool = True) -> None:
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, split: int, fused: bool = False) -> None:
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
         if split < 1:
             raise ValueError(f"bn_split must be >= 1, got {split}")
@@ -79,7 +83,7 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         return out
 
 
-def convert_bn_split(module: nn.Module, split: int, fused: bool = True) -> nn.Module:
+def convert_bn_split(module: nn.Module, split: int, fused: bool = False) -> nn.Module:
     """Replace every BatchNorm1d/2d in ``module`` (in place) by :class:`SplitBatchNorm`.
 
     ``split <= 0`` leaves the module unchanged. The state-dict keys stay the same, so checkpoints

@@ -26,7 +26,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def make_model(mopts: ModelOptions, num_classes: int, device: torch.device, bn_split: int = 0,
-               pretrained: str | None = None, fused_bn_split: bool = True) -> ReIDNet:
+               pretrained: str | None = None, fused_bn_split: bool = False) -> ReIDNet:
     """Build the re-ID network on ``device`` with the run's BN split and memory format; the
     options it was built with stay on it as ``model.model_options``."""
     model = build_model(mopts.arch, num_classes, dropout=mopts.dropout, pretrained=pretrained,

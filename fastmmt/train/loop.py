@@ -60,7 +60,7 @@ class Stage(Protocol):
     def begin_epoch(self, epoch: int, st: RunState) -> dict: ...
     def batches(self, epoch: int) -> Iterable: ...
     def step(self, batch: Any, it: int, global_step: int, where: Callable[[], str]) -> dict[str, torch.Tensor]: ...
-    def describe(self, epoch: int, it: int, global_step: int, batch: Any) -> str: ...
+    def describe(self, epoch: int, it: int, global_step: int, indices: torch.Tensor | None) -> str: ...
     def end_epoch(self, epoch: int, record: dict) -> None: ...
     def eval_models(self) -> dict[str, nn.Module]: ...
     def evaluate(self, net: nn.Module) -> dict[str, float]: ...
@@ -177,7 +177,7 @@ def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState) -> tuple[di
     meter: DeviceMeter | HostMeter = HostMeter() if sync else DeviceMeter(rt.device, r.on_nonfinite == "skip")
     every = 1 if sync else r.log_every
     start = st.global_step
-    window: dict[int, Any] = {}  # the window's batches, to name a bad one (never read otherwise)
+    window: dict[int, Any] = {}  # the window's image indices, to name a bad batch (read only then)
 
     def describe(it: int) -> str:
         return stage.describe(epoch, it, start + it, window.get(it))
@@ -187,11 +187,11 @@ def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState) -> tuple[di
     first_it = 0
     applied = 0  # steps applied before the current one, as the host knows them
     for it, batch in enumerate(bar):
-        window[it] = batch
+        window[it] = getattr(batch, "indices", None)
         gs = start + applied
-        out = stage.step(batch, it, gs, lambda it=it, gs=gs: stage.describe(epoch, it, gs, batch))
+        out = stage.step(batch, it, gs, lambda it=it, gs=gs: stage.describe(epoch, it, gs, window[it]))
         meter.add(it, out)
-        applied = meter.done + (0 if sync else it + 1 - first_it)
+        applied += 1
         if sync:
             w = meter.read()
             applied = meter.done

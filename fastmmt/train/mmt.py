@@ -298,7 +298,7 @@ class _Adapt:
         return mmt_step(self.nets, self.students, self.teachers, self.optimizer, batch, global_step, self.opts,
                         self.rt, where, self.step_count, self.info)
 
-    def describe(self, epoch: int, it: int, global_step: int, batch: TrainBatch | None) -> str:
+    def describe(self, epoch: int, it: int, global_step: int, indices: torch.Tensor | None) -> str:
         return f"epoch {epoch} iteration {it} (global step {global_step})"
 
     def end_epoch(self, epoch: int, record: dict) -> None:

@@ -117,7 +117,7 @@ class RunOptions:
     num_threads: int | None = None    # CPU threads for torch/FAISS (None = all cores)
     log_every: int = 50               # iterations between host reads of the loss sums (and the NaN check)
     sync_each_step: bool = False      # the old step: read every loss term and the NaN flag each step
-    fused_bn_split: bool = True       # run.bn_split in one pass (False: the old per-chunk loop)
+    fused_bn_split: bool = False      # run.bn_split in one pass (False: the per-chunk loop, faster in eager on a CPU)
     compile: bool = False             # torch.compile the backbones
 
 

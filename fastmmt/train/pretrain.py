@@ -155,8 +155,8 @@ class _Pretrain:
         tb = next(self._tgt_iter) if self._tgt_iter is not None else None
         return pretrain_step(self.net, self.model, self.optimizer, batch, tb, self.opts, self.rt, where)
 
-    def describe(self, epoch: int, it: int, global_step: int, batch: TrainBatch | None) -> str:
-        imgs = f" (images {batch.indices[:4].tolist()}...)" if batch is not None else ""
+    def describe(self, epoch: int, it: int, global_step: int, indices: torch.Tensor | None) -> str:
+        imgs = f" (images {indices[:4].tolist()}...)" if indices is not None else ""
         return f"pre-training epoch {epoch} iteration {it}{imgs}"
 
     def end_epoch(self, epoch: int, record: dict) -> None:
