@@ -59,6 +59,16 @@ def test_restarts_keep_the_best(data):
     assert kmeans(x, 40, seed=5, nredo=3).info["inertia"] == pytest.approx(min(singles), rel=1e-6)
 
 
+def test_iteration_limit_reaches_faiss(data):
+    x, _ = data
+    one = kmeans(x, 40, seed=5, niter=1, nredo=3)
+    assert one.info["iterations"] == 3  # one Lloyd iteration per restart
+    full = kmeans(x, 40, seed=5, niter=300, nredo=3)
+    assert 3 < full.info["iterations"] <= 900
+    # more iterations from the same seeds never end worse (Lloyd lowers the objective)
+    assert full.info["inertia"] <= one.info["inertia"] * (1 + 1e-6)
+
+
 def test_k_equals_n_and_duplicates():
     x = np.repeat(np.eye(5, dtype=np.float32), 3, axis=0)  # 5 distinct points, 3 copies each
     res = kmeans(x, 5, seed=0)

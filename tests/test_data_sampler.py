@@ -52,6 +52,29 @@ def test_cross_camera_preference_and_fallbacks():
             assert run[3][1:].tolist() == [15, 15, 15]
 
 
+def test_without_replacement_only_from_k_candidates():
+    # The official sampler's threshold: K-1 draws without replacement only when there are at least
+    # K candidates. pid 0: anchor on cam 0 has exactly 3 = K-1 images on other cameras (cam 1);
+    # pid 1 (one camera): 4 = K other images; pid 2 (one camera): exactly 3 = K-1 other images.
+    pids = np.array([0, 0, 0, 0] + [1] * 5 + [2] * 4)
+    cams = np.array([0, 1, 1, 1] + [3] * 5 + [4] * 4)
+    s = IdentitySampler(pids, cams, num_instances=4, seed=0)
+    repeats, seen = Counter(), Counter()
+    for p in range(300):
+        for run in s.order(0, p).reshape(-1, 4):
+            pid, a, rest = int(pids[run[0]]), int(run[0]), run[1:].tolist()
+            assert a not in rest  # the anchor itself is never drawn again
+            if pid == 0 and a != 0:
+                continue  # anchor on cam 1: image 0 is the only other-camera image
+            if pid == 0:
+                assert set(rest) <= {1, 2, 3}
+            seen[pid] += 1
+            repeats[pid] += len(set(rest)) < 3
+    assert repeats[1] == 0 and seen[1] == 300  # 4 candidates: without replacement, never a repeat
+    # 3 candidates, with replacement: all distinct with probability 3!/3^3 = 2/9 only
+    assert repeats[0] > seen[0] / 2 and repeats[2] > seen[2] / 2
+
+
 def test_anchor_and_order_are_random_but_deterministic():
     pids, cams = _toy()
     s = IdentitySampler(pids, cams, num_instances=4, seed=7)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from fastmmt.cli.config import CHOICES, ConfigError, load_options, options_to_dict
+from fastmmt.cli.config import CHOICES, ConfigError, check_pretrained, load_options, options_to_dict
 
 log = logging.getLogger("fastmmt")
 
@@ -76,6 +76,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from fastmmt.train import pretrain
 
     opts = _options(args)
+    check_pretrained(opts)
     out = Path(opts.run.out_dir)
     _save_config(opts, out)
     source = load_dataset(opts.data.source, opts.data.source_root or opts.data.root)
@@ -122,6 +123,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from fastmmt.data import load_dataset
+    from fastmmt.train import visualize_model_file
+
+    opts = _options(args)
+    target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root)
+    out = Path(args.out or Path(opts.run.out_dir) / "rank_lists")
+    paths = visualize_model_file(args.model, target, opts, out, topk=args.topk, num_queries=args.num_queries,
+                                 seed=args.seed, rerank=args.rerank)
+    if _is_main():
+        print(f"{len(paths)} rank lists of {args.model} on {opts.data.target} in {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fastmmt.train.demo import demo_options, format_table, run_demo
 
@@ -158,15 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
                                      "oracle (MMT on the target's true ids)")
     _common(p)
     p.add_argument("--method", choices=CHOICES[("adapt", "method")])
-    p.add_argument("--init", nargs="+", help="pre-trained model files (default: OUT/pretrain/seed*/model.pt)")
+    p.add_argument("--init", nargs="+", help="pre-trained model files (default: OUT/pretrain/seed*/model.pt); "
+                                             "official MMT release files (*.pth.tar) too")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("evaluate", help="evaluate a model file on the target test set")
     _common(p)
-    p.add_argument("--model", required=True, help="a model.pt written by pretrain or adapt")
+    p.add_argument("--model", required=True, help="a model.pt written by pretrain or adapt, or an official MMT "
+                                                    "release file (*.pth.tar)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("visualize", help="draw rank lists (query, top-k gallery, green/red frames) as PNG")
+    _common(p)  # --out: the folder of the pictures (default OUT/rank_lists)
+    p.add_argument("--model", required=True, help="a model.pt written by pretrain or adapt, or an official MMT "
+                                                    "release file (*.pth.tar)")
+    p.add_argument("--topk", type=int, default=10, help="gallery images per list (default 10)")
+    p.add_argument("--num-queries", type=int, default=20, help="queries drawn at random (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="which queries are drawn")
+    p.add_argument("--rerank", action="store_true", help="also the k-reciprocal re-ranked list, beside the plain one")
+    p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("demo", help="synthetic end-to-end demo: source-only vs MMT vs oracle")
     p.add_argument("--out", default="runs/demo")

@@ -104,11 +104,35 @@ def build_options(raw: dict) -> ExperimentOptions:
             if allowed is not None and value not in allowed:
                 raise ConfigError(f"{where} = {value!r} is not allowed; choose one of {list(allowed)}")
             setattr(target, key, value)
+    _apply_scratch(opts)
     try:
         check_options(opts)  # what depends on several keys, and the numeric ranges
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return opts
+
+
+SCRATCH = "none"  # model.pretrained value that means "train from random initialisation on purpose"
+
+
+def _apply_scratch(opts: ExperimentOptions) -> None:
+    """``model.pretrained: none`` -> no weights file, and no requirement for one."""
+    if isinstance(opts.model.pretrained, str) and opts.model.pretrained.strip().lower() == SCRATCH:
+        opts.model.pretrained = None
+        opts.model.require_pretrained = False
+
+
+def check_pretrained(opts: ExperimentOptions) -> None:
+    """Refuse a Stage I run that needs ImageNet weights (``model.require_pretrained``, set by the
+    paper configs) but names none: the official code always starts from ImageNet weights, and a
+    run from random initialisation would silently miss the paper by tens of mAP points."""
+    if opts.model.require_pretrained and opts.model.pretrained is None:
+        kind = "IBN-Net format, e.g. resnet50_ibn_a.pth.tar" if opts.model.arch == "resnet_ibn50a" else \
+            "torchvision format, e.g. resnet50-19c8e357.pth"
+        raise ConfigError(f"model.pretrained is not set and this recipe starts from ImageNet weights: give "
+                          f"--set model.pretrained=PATH (a local file in torchvision or IBN-Net format; for "
+                          f"{opts.model.arch}: {kind}), or --set model.pretrained={SCRATCH} to train from "
+                          f"scratch on purpose")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

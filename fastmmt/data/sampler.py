@@ -16,9 +16,11 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
 
     Per pass: identities (pid >= 0; negative pids such as DBSCAN outliers are excluded) in random
     order; per identity one random anchor, then K-1 images drawn from the identity's images on
-    OTHER cameras when it has any (without replacement when there are at least K-1 of them, with
-    replacement otherwise); with no other camera, from its other images on the anchor's camera
-    (same rule); a singleton identity repeats its only image. Every identity yields exactly K
+    OTHER cameras when it has any (without replacement when there are at least K of them, with
+    replacement otherwise: the official MMT sampler's threshold, so an identity with exactly K-1
+    candidates may repeat one); with no other camera, from its other images on the anchor's
+    camera (same rule); a singleton identity repeats its only image (the official sampler yields
+    it once, which shifts every later batch off the P x K grid). Every identity yields exactly K
     indices, so consecutive chunks of ``P*K`` indices are P x K batches.
 
     Deterministic: pass ``r`` of epoch ``e`` uses ``numpy.random.default_rng([seed, e, r])``;
@@ -74,7 +76,7 @@ class IdentitySampler(torch.utils.data.Sampler[int]):
             if others.size == 0:
                 out[row, 1:] = members[a]
                 continue
-            pick = rng.choice(others, size=k - 1, replace=others.size < k - 1)
+            pick = rng.choice(others, size=k - 1, replace=others.size < k)
             out[row, 1:] = members[pick]
         return out.reshape(-1)
 

@@ -1,5 +1,5 @@
 """Training stages: source pre-training, MMT (k-means / DBSCAN), the single-model baseline, the demo."""
-from fastmmt.train.evaluate import evaluate_model_file
+from fastmmt.train.evaluate import evaluate_model_file, visualize_model_file
 from fastmmt.train.mmt import adapt
 from fastmmt.train.options import (
     AdaptOptions,
@@ -15,4 +15,5 @@ from fastmmt.train.pretrain import pretrain
 __all__ = [
     "AdaptOptions", "DataOptions", "ExperimentOptions", "ModelOptions", "PretrainOptions", "RunOptions",
     "StageResult", "adapt", "evaluate_model_file", "load_model_file", "model_file", "pretrain",
+    "visualize_model_file",
 ]

@@ -277,11 +277,14 @@ def _evaluate_epoch(stage: Stage, epoch: int, st: RunState, record: dict, out_di
     if not select_best:
         return
     pool = best_of or names[:1]
-    name = max(pool, key=lambda n: results[n]["mAP"])
+    # on a tie between networks the later one of best_of wins (the official MMT code kept
+    # teacher 2 when the two teachers tied); across epochs only a strictly better mAP replaces
+    name = max(reversed(pool), key=lambda n: results[n]["mAP"])
     met = results[name]
     if met["mAP"] > st.best.get("mAP", -1.0):
         st.best = {"epoch": epoch, **met} | ({"model": name} if len(pool) > 1 else {})
-        ddp.run_on_main(rt.ctx, atomic_save, stage.model_file(name, epoch=epoch), out_dir / "best.pt")
+        ddp.run_on_main(rt.ctx, atomic_save, stage.model_file(name, epoch=epoch, network=name),
+                        out_dir / "best.pt")
 
 
 def _write_epoch(stage: Stage, state: dict, record: dict, out_dir: Path, logger: RunLogger) -> None:

@@ -209,7 +209,8 @@ class _Adapt:
             self.clusterer = build_clusterer("known", labels=np.array([x.pid for x in target.train]))
         else:
             self.clusterer = build_clusterer("kmeans", k=a.k, seed=r.seed, backend=a.cluster_backend,
-                                             num_threads=r.num_threads)
+                                             num_threads=r.num_threads, nredo=a.kmeans_restarts,
+                                             niter=a.kmeans_iters)
         self.records = target.train
         # decode the target's images once (data.decode_cache) and build its extraction loaders once
         # (data.persistent_loaders): same features and batches as without, only faster
@@ -334,7 +335,9 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
 
     Writes a checkpoint every epoch (``out_dir/ckpt``), ``log.jsonl``, ``curves.png`` and the final
     teacher as ``out_dir/model.pt``. Returns the target metrics of the reported model: the last
-    epoch's mean teacher 1 (or, with ``run.select_best``, the epoch of best target mAP).
+    epoch's mean teacher 1; with ``run.select_best``, the best target-test mAP over the evaluated
+    epochs and both mean teachers (``best.pt``; the metrics name its ``epoch`` and ``model``,
+    T1 or T2), which is how the official code chose its figure: on the test set.
     Under torchrun every rank calls this; see :mod:`fastmmt.train.distributed`.
     """
     a, r = opts.adapt, opts.run
@@ -346,8 +349,11 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
     rt = setup_run(opts)
     stage = _Adapt(target, init_models, opts, rt)
     logger = RunLogger(out_dir) if rt.is_main else None
+    # run.select_best: the best target-test mAP over the epochs and BOTH mean teachers, as the
+    # official code chose its figure (on the test set: opt-in)
+    best_of = tuple(stage.eval_models())
     st = run_epochs(stage, rt, out_dir, logger, resume, eval_every=r.eval_every, select_best=r.select_best,
-                    start=stage.start)
+                    best_of=best_of, start=stage.start)
     eval_net = stage.eval_net
     final_path = ddp.run_on_main(rt.ctx, atomic_save, model_file(eval_net, eval_net.classifier.out_features,
                                                                  method=a.method), out_dir / "model.pt")
@@ -357,7 +363,8 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
         metrics = stage.evaluate(eval_net)
         metrics.pop("eval_seconds")
     if r.select_best and st.best:
-        metrics = {k: st.best[k] for k in ("mAP", "rank1", "rank5", "rank10")} | {"epoch": st.best["epoch"]}
+        metrics = {k: st.best[k] for k in ("mAP", "rank1", "rank5", "rank10")} | {
+            "epoch": st.best["epoch"], "model": st.best.get("model", best_of[0])}
     seconds = {k: sum(h.get(f"{k}_seconds", 0.0) for h in st.history) for k in ("extract", "cluster", "train", "eval")}
     if logger is not None:
         logger.log({"stage": a.method, "final": True, **metrics})

@@ -1,4 +1,5 @@
-"""Typed options of the training stages; defaults are the paper's recipe (MMT_SPEC.md).
+"""Typed options of the training stages; defaults are the paper's recipe (docs/training.md, and
+docs/fidelity.md for where fastmmt differs from the official code as it ran).
 
 :func:`option_choices` is the one list of allowed values, read from the library's own lists
 (architectures, backends, policies); :func:`check_options` checks a whole set of options before
@@ -38,7 +39,8 @@ class ModelOptions:
     arch: str = "resnet50"
     base_width: int = 64
     dropout: float = 0.0
-    pretrained: str | None = None     # local ImageNet weights file (no downloads)
+    pretrained: str | None = None     # local ImageNet weights file (no downloads); "none" in a config = from scratch
+    require_pretrained: bool = False  # `pretrain` refuses to start without `pretrained` (the paper configs)
     channels_last: bool = False
 
 
@@ -58,9 +60,20 @@ class PretrainOptions:
     erase: bool = False
     seeds: tuple[int, ...] = (1, 2)
     target_bn_forward: bool = True    # forward a target batch each iteration (adapts BN stats)
+    lr_timing: str = "after_epoch"    # after_epoch: epoch e at factor(e); official: factor(e+1) (see LR_TIMINGS)
+    select: str = "last"              # last | source_best: the epoch Stage II starts from (see PRETRAIN_SELECT)
+    eval_every: int = 40              # source test evaluation cadence for select=source_best (and the last epoch)
 
 
 ADAPT_METHODS = ("kmeans", "dbscan", "baseline", "oracle")  # MMT on clusters x 2, one model, MMT on true ids
+# Stage I learning-rate timing: "after_epoch" steps the scheduler after each epoch (epoch e trains
+# with the warm-up/step factor of e); "official" does what the official code did under PyTorch
+# >= 1.1, stepping at the START of each epoch, so epoch e trains with the factor of e + 1.
+LR_TIMINGS = ("after_epoch", "official")
+# The Stage I model written as model.pt (what Stage II starts from): the last epoch, or the best
+# SOURCE test mAP at the evaluation epochs (every pretrain.eval_every and the last), as the
+# official code's model_best.pth.tar.
+PRETRAIN_SELECT = ("last", "source_best")
 NONFINITE_POLICIES = ("stop", "skip")  # NaN/inf loss: stop the run, or skip the step
 
 
@@ -84,6 +97,8 @@ class AdaptOptions:
     rho: float = 1.6e-3
     min_samples: int = 4
     cluster_backend: str = "auto"
+    kmeans_restarts: int = 1          # k-means restarts (FAISS nredo); the official code: 10
+    kmeans_iters: int = 100           # k-means iteration limit (FAISS niter); the official code: 300
 
 
 @dataclass
@@ -134,6 +149,8 @@ def option_choices() -> dict[tuple[str, str], tuple]:
         ("data", "backend"): DATA_BACKENDS,
         ("model", "arch"): tuple(ARCHS),
         ("adapt", "method"): ADAPT_METHODS,
+        ("pretrain", "lr_timing"): LR_TIMINGS,
+        ("pretrain", "select"): PRETRAIN_SELECT,
         ("adapt", "cluster_backend"): KMEANS_BACKENDS,
         ("run", "amp"): AMP_CHOICES,
         ("run", "loss_backend"): LOSS_BACKENDS,
@@ -152,6 +169,11 @@ def check_options(opts: ExperimentOptions) -> None:
         value = getattr(getattr(opts, section), key)
         if value not in allowed:
             raise ValueError(f"{section}.{key} = {value!r} is not allowed; choose one of {list(allowed)}")
+    if opts.pretrain.eval_every < 1:
+        raise ValueError(f"pretrain.eval_every must be >= 1, got {opts.pretrain.eval_every}")
+    if opts.adapt.kmeans_restarts < 1 or opts.adapt.kmeans_iters < 1:
+        raise ValueError(f"adapt.kmeans_restarts and adapt.kmeans_iters must be >= 1, got "
+                         f"{opts.adapt.kmeans_restarts} and {opts.adapt.kmeans_iters}")
     r = opts.run
     if r.log_every < 1:
         raise ValueError(f"run.log_every must be >= 1, got {r.log_every}")

@@ -32,7 +32,7 @@ from fastmmt.train.common import (
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, finite_flag, run_epochs
 from fastmmt.train.model_file import StageResult, model_file
-from fastmmt.train.options import ExperimentOptions
+from fastmmt.train.options import ExperimentOptions, PretrainOptions
 from fastmmt.train.runtime import Runtime, autocast, setup_run
 from fastmmt.train.schedule import warmup_multistep_factor
 
@@ -48,7 +48,8 @@ def pretrain_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optim
     the step reads nothing on the host: the runner reads the finite flag at the next log point
     (``stop`` ends the run there; under ``skip`` the flag reaches the fused optimiser as its
     ``found_inf`` and nothing is updated).
-    The target batch (BN adaptation) is forwarded after the update, on the updated weights.
+    The target batch (BN adaptation, train mode, output discarded) is forwarded after the source
+    forward and BEFORE the backward pass, on the pre-step weights, as the official trainer did.
     """
     p, m, r = opts.pretrain, opts.model, opts.run
     device, ctx = rt.device, rt.ctx
@@ -63,6 +64,9 @@ def pretrain_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optim
         loss = ce + tri
     acc = (logits.detach().argmax(1) == y).float().mean()
     terms = {"loss_ce": ce.detach(), "loss_tri": tri.detach(), "acc": acc}
+    if target_batch is not None:
+        with torch.no_grad(), autocast(device, r.amp):
+            model(to_device(target_batch.views[0], device, m.channels_last))  # BN statistics only
     if sync:
         if not step_is_finite(loss, where, r.on_nonfinite, ctx):
             return {**terms, "loss": loss.detach(), FINITE: torch.tensor(False)}
@@ -73,11 +77,19 @@ def pretrain_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optim
     optimizer.zero_grad(set_to_none=True)
     (loss * ctx.world_size).backward()  # DDP averages: the gradient of the global loss
     optimizer.step()
-    if target_batch is not None:
-        with torch.no_grad(), autocast(device, r.amp):
-            model(to_device(target_batch.views[0], device, m.channels_last))  # BN statistics only
     ddp.broadcast_buffers([model], ctx)  # BN statistics: rank 0's (DataParallel's)
     return {**terms, "loss": loss.detach(), FINITE: ok}
+
+
+def lr_factor(p: PretrainOptions) -> Callable[[int], float]:
+    """The learning-rate factor of each epoch (a ``LambdaLR`` lambda, stepped after each epoch).
+
+    ``pretrain.lr_timing: official`` shifts the schedule by one epoch: the official loop called
+    ``lr_scheduler.step()`` at the START of each epoch, so under PyTorch >= 1.1 epoch e trained
+    with the factor of e + 1 (0.109x at epoch 0, the full rate from epoch 9, x0.1 at 39 and 69).
+    """
+    shift = 1 if p.lr_timing == "official" else 0
+    return lambda e: warmup_multistep_factor(e + shift, p.milestones, p.gamma, p.warmup_factor, p.warmup_epochs)
 
 
 class _Pretrain:
@@ -85,8 +97,11 @@ class _Pretrain:
 
     def __init__(self, source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOptions, rt: Runtime):
         d, m, p, r = opts.data, opts.model, opts.pretrain, opts.run
-        self.opts, self.rt, self.target = opts, rt, target
+        self.opts, self.rt, self.target, self.source = opts, rt, target, source
         self.name, self.epochs, self.iters = "pretrain", p.epochs, p.iters
+        # pretrain.select=source_best: the best source test mAP so far and that epoch's weights
+        self.best: dict = {}
+        self.best_state: dict | None = None
         self.num_classes = source.num_train_pids
         model = make_model(m, self.num_classes, rt.device, r.bn_split, pretrained=m.pretrained,
                            fused_bn_split=r.fused_bn_split)
@@ -94,9 +109,7 @@ class _Pretrain:
             (model,) = ddp.convert_sync_bn([model], rt.ctx)
         self.model = model
         self.optimizer = adam([model], p.lr, p.weight_decay, adam_impl(r))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda e: warmup_multistep_factor(e, p.milestones, p.gamma, p.warmup_factor, p.warmup_epochs))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(p))
         shard = dict(rank=rt.ctx.rank, world_size=rt.ctx.world_size, local_rank=data_device_id(rt.ctx),
                      augment=train_augment(d))
         labels = np.array([x.pid for x in source.train])
@@ -123,12 +136,14 @@ class _Pretrain:
 
     def state_dict(self, epoch: int, st: RunState) -> dict:
         return {"epoch": epoch, "global_step": st.global_step, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.sched.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.sched.state_dict(),
+                "source_best": self.best, "source_best_model": self.best_state}
 
     def load_state_dict(self, ck: dict) -> RunState:
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
+        self.best, self.best_state = ck.get("source_best") or {}, ck.get("source_best_model")
         return RunState(ck["epoch"] + 1, ck.get("global_step", 0))
 
     def begin_epoch(self, epoch: int, st: RunState) -> dict:
@@ -149,10 +164,34 @@ class _Pretrain:
 
     def end_epoch(self, epoch: int, record: dict) -> None:
         self.sched.step()
+        p = self.opts.pretrain
+        if p.select == "source_best" and ((epoch + 1) % p.eval_every == 0 or epoch + 1 == p.epochs):
+            self._source_eval(epoch, record)
         if self.rt.is_main:
             log.info("pretrain seed %d epoch %d: ce %s tri %s acc %s (%.1f img/s)", self.rt.seed, epoch,
                      *(f"{record[k]:.3f}" if record[k] is not None else "-" for k in ("loss_ce", "loss_tri", "acc")),
                      record["images_per_second"])
+
+    def _source_eval(self, epoch: int, record: dict) -> None:
+        """Source test mAP of this epoch; keep the weights when it beats every earlier one (strictly,
+        as the official code: on a tie the earlier epoch stays)."""
+        o = self.opts
+        met = evaluate(self.model, self.source, o.data, o.run, self.rt.device, o.model, self.rt.ctx)
+        record.update({f"source_{k}": v for k, v in met.items()})
+        if met["mAP"] > self.best.get("mAP", -1.0):
+            self.best = {"epoch": epoch, **{k: met[k] for k in ("mAP", "rank1", "rank5", "rank10")}}
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        record["source_best_epoch"] = self.best["epoch"]
+
+    def select_model(self) -> dict:
+        """Load the weights Stage II starts from (``pretrain.select``); returns what the model file
+        records about the choice."""
+        if self.opts.pretrain.select != "source_best":
+            return {"select": "last", "epoch": self.epochs - 1}
+        if self.best_state is None:
+            raise RuntimeError("pretrain.select=source_best but no source evaluation ran")
+        self.model.load_state_dict(self.best_state)
+        return {"select": "source_best", "epoch": self.best["epoch"], "source_mAP": self.best["mAP"]}
 
     def eval_models(self) -> dict[str, nn.Module]:
         return {"model": self.model}
@@ -173,9 +212,16 @@ def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOp
     """Train one source model with ``seed``; write ``out_dir/model.pt``; evaluate on ``target``.
 
     ``target`` may be None (no BN adaptation, no evaluation). With ``resume`` the run continues
-    from ``out_dir/ckpt``'s last readable epoch.
+    from ``out_dir/ckpt``'s last readable epoch. ``model.pt`` (and the target metrics) are those
+    of the last epoch, or with ``pretrain.select: source_best`` of the epoch with the best
+    SOURCE test mAP among the evaluation epochs (every ``pretrain.eval_every`` and the last),
+    the official code's ``model_best.pth.tar``.
     """
     d, p = opts.data, opts.pretrain
+    if p.select == "source_best" and not (source.query and source.gallery):
+        raise ValueError(f"pretrain.select=source_best evaluates on the source test set, but source dataset "
+                         f"{source.name} ({source.root}) has {len(source.query)} query and "
+                         f"{len(source.gallery)} gallery images; set pretrain.select=last")
     _check_enough(source, "source", source.num_train_pids, d.batch_size, d.num_instances)
     if target is not None and p.target_bn_forward:
         _check_enough(target, "target", len(target.train), d.batch_size, 1)
@@ -184,14 +230,16 @@ def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOp
     stage = _Pretrain(source, target, opts, rt)
     logger = RunLogger(out_dir) if rt.is_main else None
     st = run_epochs(stage, rt, out_dir, logger, resume, record_extra=lambda e: {"seed": seed}, start=stage.start)
-    model_path = ddp.run_on_main(rt.ctx, atomic_save, stage.model_file("model"), out_dir / "model.pt")
+    chosen = stage.select_model()
+    model_path = ddp.run_on_main(rt.ctx, atomic_save, stage.model_file("model", **chosen), out_dir / "model.pt")
     metrics: dict = {}
     eval_seconds = 0.0
     if target is not None:
         metrics = stage.evaluate(stage.model)
         eval_seconds = metrics.pop("eval_seconds")
         if logger is not None:
-            logger.log({"stage": "pretrain", "seed": seed, "final": True, **metrics})
+            logger.log({"stage": "pretrain", "seed": seed, "final": True, **metrics,
+                        "selected_epoch": chosen["epoch"]})
     if logger is not None:
         logger.close()
     train_seconds = sum(h["train_seconds"] for h in st.history)
