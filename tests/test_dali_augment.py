@@ -3,10 +3,12 @@
 The source is a lossless 32x16 PNG whose red channel encodes the row and green the column, with
 constant blue: every output pixel says which source pixel it shows, or whether it is zero
 padding or erased. From each output view we recover the flip, the crop offset and the erased
-box, then test their distributions against the spec and against the reference
-``random_erase_`` of :mod:`fastmmt.data.transforms` (two-sample KS tests, fixed seeds).
+box, then test their distributions against the spec and against a plain reference of the
+erasing rule written here (two-sample KS tests, fixed seeds).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -16,8 +18,7 @@ from scipy import stats
 
 from fastmmt.data import ImageRecord
 from fastmmt.data.dali import DaliTrainLoader
-from fastmmt.data.dali_ops import AugmentSpec, sample_view_params
-from fastmmt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, random_erase_
+from fastmmt.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, batch_views
 
 H, W, PAD = 32, 16, 10
 BLUE = 200
@@ -97,15 +98,21 @@ def recovered(tmp_path_factory) -> list[list[dict]]:
 
 
 def reference_boxes(n: int, h: int, w: int, seed: int) -> np.ndarray:
-    """(erased, top, left, bh, bw) from the torch reference ``random_erase_``."""
-    gen = torch.Generator().manual_seed(seed)
+    """(erased, top, left, bh, bw) by the spec's erasing rule (p 0.5, area 2-40 %, aspect
+    0.3-1/0.3, up to 100 tries, first fitting box placed uniformly), written plainly with NumPy."""
+    rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n):
-        x = torch.zeros(1, h, w)
-        random_erase_(x, gen, 0.5, (0.02, 0.4), 0.3, 100, (1.0,))
-        r, c = torch.nonzero(x[0], as_tuple=True)
-        rows.append((1, r.min(), c.min(), r.max() - r.min() + 1, c.max() - c.min() + 1) if r.numel()
-                    else (0, 0, 0, 0, 0))
+        row = (0, 0, 0, 0, 0)
+        if rng.random() < 0.5:
+            for _ in range(100):
+                area = rng.uniform(0.02, 0.4) * h * w
+                r = rng.uniform(0.3, 1 / 0.3)
+                bh, bw = int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
+                if bh < h and bw < w:
+                    row = (1, int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1)), bh, bw)
+                    break
+        rows.append(row)
     return np.array(rows, dtype=np.int64)
 
 
@@ -160,10 +167,10 @@ def test_views_are_independent(recovered):
 
 @pytest.mark.parametrize("h,w", [(256, 128), (32, 16)])
 def test_sampled_erasing_matches_reference_algorithm(h, w):
-    """Many draws of the NumPy sampler vs the torch reference: rate, area, aspect, placement,
-    and the spec's ranges (area 2-40 % of the image, aspect 0.3-3.33, up to rounding)."""
+    """Many draws of the shared view sampler vs the plain reference: rate, area, aspect,
+    placement, and the spec's ranges (area 2-40 % of the image, aspect 0.3-3.33, up to rounding)."""
     n = 6000
-    p = sample_view_params(np.random.default_rng(5), n, h, w, AugmentSpec())
+    (p,) = batch_views(AugmentSpec(h, w), range(5000, 5000 + n), 1)
     done = p.erase_shape[:, 0] > 0
     assert binomial_ok(int(done.sum()), n, 0.5)
     bh, bw = p.erase_shape[done].T
@@ -186,7 +193,9 @@ def test_sampled_erasing_matches_reference_algorithm(h, w):
 
 
 def test_no_erasing_and_no_flip_when_disabled():
-    p = sample_view_params(np.random.default_rng(0), 500, H, W, AugmentSpec(flip_p=0.0, erase_p=0.0))
+    (p,) = batch_views(AugmentSpec(H, W, flip_p=0.0, erase_p=0.0), range(500), 1)
     assert not p.flip.any() and not p.erase_shape.any()
+    (q,) = batch_views(AugmentSpec(H, W).off(), range(500), 1)
+    assert not q.flip.any() and not q.erase_shape.any() and not q.crop.any()
     with pytest.raises(ValueError, match="erase_p"):
-        AugmentSpec(erase_p=1.5)
+        AugmentSpec(H, W, erase_p=1.5)

@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmmt.data import ImageReadError, ImageRecord, TorchTrainLoader
+from fastmmt.data import ImageReadError, ImageRecord, TestTransform, TorchTrainLoader, load_image
+from fastmmt.data.augment import AugmentSpec
 from fastmmt.data.dali import DaliTestLoader, DaliTrainLoader
+from fastmmt.data.sampler import BatchPlanner
 from fastmmt.data.factory import build_test_loader, build_train_loader, resolve_data_backend
 
 H, W = 32, 16
@@ -69,6 +71,51 @@ def test_batches_are_pk_with_right_labels_and_match_torch_plan(dataset):
         assert torch.equal(g.indices, w.indices)  # same sampler, same batch plan
         assert g.views[0].dtype == torch.float32 and g.views[0].device.type == OUT_DEVICE
         assert not torch.equal(g.views[0], g.views[1])  # two independent augmentations
+
+
+@pytest.fixture
+def exact_dataset(tmp_path) -> list[ImageRecord]:
+    """12 identities x 5 lossless PNGs already at H x W: no resize, so both pipelines see the
+    same pixels and (same normalisation arithmetic) must give the same bits."""
+    rng = np.random.default_rng(1)
+    recs = []
+    for pid in range(12):
+        for k in range(5):
+            path = tmp_path / f"{pid:02d}_c{k % 3}_{k}.png"
+            Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(path)
+            recs.append(ImageRecord(str(path), pid, k % 3))
+    return recs
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_torch_and_dali_loaders_consume_one_plan_and_one_augmentation(exact_dataset, world):
+    """Item by item: for the same (seed, epoch, rank) both loaders yield the planner's indices,
+    augmentation off (each view = the test transform of the image) and on (identical views:
+    the same draws from the same seeds, applied to the same pixels)."""
+    labels = pids_of(exact_dataset)
+    test_t = TestTransform(H, W)
+    clean = torch.stack([test_t(load_image(r.path)) for r in exact_dataset])
+    for rank in range(world):
+        planner = BatchPlanner(labels, [r.camid for r in exact_dataset], 16, 4, seed=4, rank=rank,
+                               world_size=world)
+        want_idx = planner.plan(3, 5).indices  # 3 batches per pass: crosses a pass boundary
+        for off in (True, False):
+            kw = dict(batch_size=16, num_instances=4, num_views=2, seed=4, rank=rank, world_size=world,
+                      augment=AugmentSpec(H, W).off() if off else None)
+            dali = list(DaliTrainLoader(exact_dataset, labels, H, W, **kw).epoch(3, 5))
+            ref = list(TorchTrainLoader(exact_dataset, labels, H, W, workers=0, **kw).epoch(3, 5))
+            assert len(dali) == len(ref) == 5
+            for b, (g, w) in enumerate(zip(dali, ref)):
+                np.testing.assert_array_equal(g.indices.numpy(), want_idx[b])
+                assert torch.equal(g.indices, w.indices) and torch.equal(g.labels, w.labels)
+                assert len(set(g.labels.tolist())) == 4 // world
+                for gv, wv in zip(g.views, w.views):
+                    assert torch.equal(gv, wv)
+                    if off:
+                        assert torch.equal(gv, clean[g.indices])
+            if not off:  # augmented: views differ from the clean images and between views
+                assert not torch.equal(dali[0].views[0], clean[dali[0].indices])
+                assert not torch.equal(dali[0].views[0], dali[0].views[1])
 
 
 def test_set_labels_changes_labels_without_rebuilding(dataset):
@@ -208,6 +255,16 @@ def test_factory_backends(dataset):
     counts = Counter(int(i) for b in build_train_loader(dataset, labels, H, W, batch_size=8).epoch(0, 3)
                      for i in b.labels)
     assert all(c % 4 == 0 for c in counts.values())
+    # distributed: auto still picks DALI, and each rank's pipeline reads only its share
+    cuda = torch.cuda.is_available()
+    shares = [build_train_loader(dataset, labels, H, W, batch_size=16, seed=2, rank=r, world_size=2,
+                                 local_rank=0 if cuda else r) for r in range(2)]
+    assert all(isinstance(s, DaliTrainLoader) for s in shares)
+    assert all(s.torch_device == (torch.device("cuda", 0) if cuda else torch.device("cpu")) for s in shares)
+    full = build_train_loader(dataset, labels, H, W, batch_size=16, seed=2, workers=0, backend="torch")
+    for b, *parts in zip(full.epoch(1, 3), *(s.epoch(1, 3) for s in shares), strict=True):
+        assert [len(p.indices) for p in parts] == [8, 8]
+        assert torch.equal(torch.cat([p.indices.cpu() for p in parts]), b.indices)
 
 
 def test_gpu_copies_run_on_torchs_current_stream(monkeypatch):

@@ -1,4 +1,5 @@
-"""IdentitySampler: P x K structure, camera preference, singleton fix, determinism."""
+"""IdentitySampler: P x K structure, camera preference, singleton fix, determinism; BatchPlanner:
+the epoch stream, augmentation seeds and rank shares."""
 from __future__ import annotations
 
 from collections import Counter
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from fastmmt.data import IdentitySampler
+from fastmmt.data.sampler import BatchPlanner
 
 
 def _toy():
@@ -101,3 +103,69 @@ def test_bad_input():
         IdentitySampler([-1, -1], [0, 1], 4)
     with pytest.raises(ValueError, match="num_instances"):
         IdentitySampler([0], [0], 0)
+
+
+def _planner_toy():
+    # 10 identities x 5 images over 3 cameras, plus a singleton identity 10 and outliers (-1)
+    pids = np.array([p for p in range(10) for _ in range(5)] + [10] + [-1] * 3)
+    cams = np.array([j % 3 for _ in range(10) for j in range(5)] + [1] + [0, 1, 2])
+    return pids, cams
+
+
+def test_planner_stream_is_sampler_passes_cut_to_whole_batches():
+    pids, cams = _planner_toy()
+    planner = BatchPlanner(pids, cams, batch_size=16, num_instances=4, seed=5)
+    # 11 identities x 4 = 44 per pass -> 2 whole batches of 16; the remainder 12 is dropped
+    plan = planner.global_plan(3, 5)
+    assert plan.indices.shape == plan.seeds.shape == (5, 16)
+    sampler = IdentitySampler(pids, cams, 4, seed=5)
+    want = np.concatenate([sampler.order(3, r)[:32] for r in range(3)])[:80]
+    np.testing.assert_array_equal(plan.indices.reshape(-1), want)
+    runs = pids[plan.indices].reshape(5, 4, 4)
+    assert (runs == runs[..., :1]).all() and (runs >= 0).all()
+    single = np.flatnonzero(pids == 10)[0]  # the singleton rule: K copies of its only image
+    flat = plan.indices.reshape(-1, 4)
+    assert all((row == single).all() for row in flat if single in row)
+    # seeds: distinct, a pure function of (seed, epoch, position)
+    assert len(np.unique(plan.seeds)) == plan.seeds.size and (plan.seeds >= 0).all()
+    again = BatchPlanner(pids.tolist(), cams.tolist(), batch_size=16, num_instances=4, seed=5).global_plan(3, 5)
+    assert np.array_equal(again.indices, plan.indices) and np.array_equal(again.seeds, plan.seeds)
+    np.testing.assert_array_equal(planner.global_plan(3, 2).seeds, plan.seeds[:2])
+    other = planner.global_plan(4, 5)
+    assert not np.array_equal(other.indices, plan.indices) and not np.isin(other.seeds, plan.seeds).any()
+    assert planner.global_plan(3, 0).indices.shape == (0, 16)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_planner_rank_shares_are_disjoint_whole_identities(world):
+    pids, cams = _planner_toy()
+    full = BatchPlanner(pids, cams, batch_size=16, num_instances=4, seed=1).global_plan(2, 4)
+    shares = [BatchPlanner(pids, cams, batch_size=16, num_instances=4, seed=1, rank=r, world_size=world)
+              for r in range(world)]
+    assert all(s.share_size == 16 // world for s in shares)
+    plans = [s.plan(2, 4) for s in shares]
+    np.testing.assert_array_equal(np.concatenate([p.indices for p in plans], axis=1), full.indices)
+    np.testing.assert_array_equal(np.concatenate([p.seeds for p in plans], axis=1), full.seeds)
+    for b in range(4):
+        ids = [set(pids[p.indices[b]].tolist()) for p in plans]
+        assert all(len(i) == 4 // world for i in ids)
+        assert sum(len(i) for i in ids) == len(set().union(*ids))  # disjoint across ranks
+
+
+def test_planner_labels_and_arguments():
+    pids, cams = _planner_toy()
+    planner = BatchPlanner(pids, cams, batch_size=8, num_instances=4)
+    merged = np.where(pids >= 0, pids // 2, -1)
+    planner.set_labels(merged)
+    idx = planner.global_plan(0, 3).indices
+    assert (merged[idx] >= 0).all() and np.array_equal(planner.labels, merged)
+    with pytest.raises(ValueError, match=r"shape \(54,\)"):
+        planner.set_labels(pids[:10])
+    with pytest.raises(ValueError, match="only 1 labelled identities"):
+        planner.set_labels(np.where(pids == 3, 3, -1))
+    with pytest.raises(ValueError, match="multiple of num_instances"):
+        BatchPlanner(pids, cams, batch_size=10, num_instances=4)
+    with pytest.raises(ValueError, match="whole identities over 3 ranks"):
+        BatchPlanner(pids, cams, batch_size=16, num_instances=4, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="iters"):
+        planner.plan(0, -1)

@@ -233,12 +233,14 @@ def test_gpu_graphs_with_decoded_input_are_defined_without_a_gpu():
     """No CUDA driver here: DALI defines and serialises the GPU graphs fed from the cache (no
     decoder; the stored images move to the GPU before the resize) and the filling graph
     (nvJPEG ``mixed``)."""
+    from fastmmt.data.augment import AugmentSpec
     from fastmmt.data.dali_ops import decode_pipeline, test_pipeline, train_pipeline
     from fastmmt.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from test_dali_pipeline import op_devices
 
     kw = dict(batch_size=8, height=H, width=W, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="gpu")
-    for pipe in (train_pipeline(lambda: None, num_views=2, pad=10, erase_fill=IMAGENET_MEAN, decoded=True, **kw),
+    for pipe in (train_pipeline(lambda: None, batch_size=8, spec=AugmentSpec(H, W), num_views=2, decoded=True,
+                                device="gpu"),
                  test_pipeline(lambda: None, decoded=True, **kw)):
         ops = op_devices(pipe.serialize())
         names = [n for n, _ in ops]

@@ -19,25 +19,18 @@ import io
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fastmmt.data.dali_ops import (
-    AugmentSpec,
-    decode_pipeline,
-    require_dali,
-    sample_view_params,
-    test_pipeline,
-    train_pipeline,
-)
+from fastmmt.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, batch_views, loader_spec
+from fastmmt.data.dali_ops import decode_pipeline, require_dali, test_pipeline, train_pipeline, view_columns
 from fastmmt.data.decoded_cache import DecodedCacheError, DecodedImageCache
 from fastmmt.data.loaders import TrainBatch
 from fastmmt.data.records import ImageReadError, ImageRecord
-from fastmmt.data.sampler import IdentitySampler
-from fastmmt.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fastmmt.data.sampler import BatchPlanner
 
 _JPEG_SOI = b"\xff\xd8\xff"
 _JPEG_EOI = b"\xff\xd9"
@@ -253,7 +246,8 @@ class _DaliLoaderBase:
     """
 
     def __init__(self, records: Sequence[ImageRecord], workers: int, on_error: str, device: str | None,
-                 channels_last: bool, cache: bool, decoded_cache: DecodedImageCache | None = None) -> None:
+                 device_id: int | None, channels_last: bool, cache: bool,
+                 decoded_cache: DecodedImageCache | None = None) -> None:
         require_dali()
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
@@ -261,8 +255,13 @@ class _DaliLoaderBase:
         if not self.records:
             raise ValueError("no records to load")
         self.device = _resolve_device(device)
-        self.torch_device = torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" \
-            else torch.device("cpu")
+        if self.device == "gpu":
+            index = torch.cuda.current_device() if device_id is None else device_id
+            if not 0 <= index < torch.cuda.device_count():
+                raise ValueError(f"device_id {index} but {torch.cuda.device_count()} CUDA device(s) are visible")
+            self.torch_device = torch.device("cuda", index)
+        else:
+            self.torch_device = torch.device("cpu")
         self.workers = max(1, workers)  # DALI threads; 0 (torch: load in-process) means 1
         self.channels_last = channels_last
         self.images = EncodedImages([r.path for r in self.records], cache=cache)
@@ -350,65 +349,45 @@ class _DaliLoaderBase:
 class DaliTrainLoader(_DaliLoaderBase):
     """P x K training batches from DALI; the interface of :class:`TorchTrainLoader`.
 
-    Same sampler and batch plan as the torch loader (identical indices for the same seed),
-    ``num_views`` independent augmentations per image (decoded once). Labels are read at the
-    start of each :meth:`epoch`; :meth:`set_labels` swaps them without rebuilding the pipeline.
-    Outputs are float32 NCHW tensors on the training device (``channels_last=True``: the same
-    shape, channels-last memory).
+    The same :class:`~fastmmt.data.sampler.BatchPlanner` plan as the torch loader (identical
+    indices and augmentation seeds for the same seed, epoch and rank) and the same view draws
+    (:func:`~fastmmt.data.augment.image_views`), ``num_views`` per image (decoded once). With
+    ``world_size > 1`` (one loader per rank) the pipeline reads and decodes only this ``rank``'s
+    share of each global batch, on CUDA device ``device_id`` (default: the current one).
+    Labels are read at the start of each :meth:`epoch`; :meth:`set_labels` swaps them without
+    rebuilding the pipeline. Outputs are float32 NCHW tensors on the training device
+    (``channels_last=True``: the same shape, channels-last memory).
     """
 
     def __init__(self, records: Sequence[ImageRecord], labels: np.ndarray, height: int, width: int,
                  batch_size: int = 64, num_instances: int = 4, num_views: int = 1, workers: int = 2,
-                 seed: int = 0, erase: bool = True, *, augment: AugmentSpec | None = None,
-                 erase_fill: Sequence[float] = IMAGENET_MEAN, on_error: str = "fail",
-                 device: str | None = None, channels_last: bool = False, cache: bool = False,
+                 seed: int = 0, erase: bool = True, rank: int = 0, world_size: int = 1, *,
+                 augment: AugmentSpec | None = None, on_error: str = "fail", device: str | None = None,
+                 device_id: int | None = None, channels_last: bool = False, cache: bool = False,
                  prefetch: int = 2, decoded_cache: DecodedImageCache | None = None) -> None:
-        super().__init__(records, workers, on_error, device, channels_last, cache, decoded_cache)
-        if height <= 0 or width <= 0:
-            raise ValueError(f"image size must be positive, got height={height}, width={width}")
-        if batch_size <= 0 or num_instances <= 0 or batch_size % num_instances:
-            raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of "
-                             f"num_instances ({num_instances})")
+        super().__init__(records, workers, on_error, device, device_id, channels_last, cache, decoded_cache)
         if num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {num_views}")
-        spec = augment or AugmentSpec()
-        self.augment = spec if erase else replace(spec, erase_p=0.0)
-        self.height, self.width, self.num_views = height, width, num_views
-        self.batch_size, self.num_instances, self.seed = batch_size, num_instances, seed
-        self.erase_fill = tuple(erase_fill)
+        self.spec = loader_spec(height, width, erase, augment)
+        self.planner = BatchPlanner(labels, self.camids, batch_size, num_instances, seed, rank, world_size)
+        self.num_views, self.seed = num_views, seed
         self._runner = _PipelineRunner(self._make_pipeline, self._repair)
         self._prefetch = prefetch
-        self.set_labels(labels)
 
     def _make_pipeline(self, source: Callable[[], tuple]):
-        return train_pipeline(source, batch_size=self.batch_size, height=self.height, width=self.width,
-                              num_views=self.num_views, pad=self.augment.pad, mean=IMAGENET_MEAN,
-                              std=IMAGENET_STD, erase_fill=self.erase_fill, device=self.device,
-                              num_threads=self.workers, device_id=self._device_id,
-                              channels_last=self.channels_last, prefetch=self._prefetch,
-                              decoded=self._decoded)
+        return train_pipeline(source, batch_size=self.planner.share_size, spec=self.spec,
+                              num_views=self.num_views, device=self.device, num_threads=self.workers,
+                              device_id=self._device_id, channels_last=self.channels_last,
+                              prefetch=self._prefetch, decoded=self._decoded)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The current labels (one per record, -1 = excluded)."""
+        return self.planner.labels
 
     def set_labels(self, labels: np.ndarray) -> None:
         """Replace the labels (e.g. new pseudo-labels each epoch); -1 marks excluded images."""
-        lab = np.asarray(labels, dtype=np.int64)
-        if lab.shape != (len(self.records),):
-            raise ValueError(f"labels must have shape ({len(self.records)},) (one per record), "
-                             f"got {lab.shape}")
-        sampler = IdentitySampler(lab, self.camids, self.num_instances, self.seed)
-        if len(sampler) < self.batch_size:
-            raise ValueError(f"only {sampler.num_identities} labelled identities: a batch of "
-                             f"{self.batch_size} needs at least {self.batch_size // self.num_instances}")
-        self.labels, self.sampler = lab, sampler
-
-    def plan(self, epoch: int, iters: int) -> np.ndarray:
-        """The (iters, batch_size) indices of ``epoch``: sampler passes, each cut to whole
-        batches (a pass's remainder is dropped and the sampler restarts), as the torch loader."""
-        self.sampler.set_epoch(epoch)
-        per_pass = len(self.sampler) // self.batch_size
-        passes = [np.fromiter(iter(self.sampler), np.int64)[:per_pass * self.batch_size]
-                  for _ in range(-(-iters // per_pass))]
-        stream = np.concatenate(passes) if passes else np.empty(0, np.int64)
-        return stream[:iters * self.batch_size].reshape(iters, self.batch_size)
+        self.planner.set_labels(labels)
 
     def _substitute(self, indices: np.ndarray, pos: int, rng: np.random.Generator) -> int:
         """A readable image with the label of ``indices[pos]``: one of the batch first, then any."""
@@ -438,12 +417,13 @@ class DaliTrainLoader(_DaliLoaderBase):
                     indices[pos] = self._substitute(indices, pos, rng)
         return indices, encoded
 
-    def _feed(self, indices: np.ndarray, rng: np.random.Generator) -> _Feed:
+    def _feed(self, indices: np.ndarray, seeds: np.ndarray, rng: np.random.Generator) -> _Feed:
+        """A batch's feed: its files and the view columns drawn from the images' seeds (an image
+        substituted for an unreadable one gets the seed of the position it fills)."""
         indices, encoded = self._encode(indices, rng)
         columns: list[np.ndarray] = []
-        for _ in range(self.num_views):
-            params = sample_view_params(rng, len(indices), self.height, self.width, self.augment)
-            columns.extend(params.columns(self.augment.pad))
+        for params in batch_views(self.spec, seeds.tolist(), self.num_views):
+            columns.extend(view_columns(params, self.spec.pad))
         return _Feed(indices, encoded, tuple(columns))
 
     def _repair(self, feeds: list[_Feed], err: Exception) -> list[_Feed]:
@@ -459,16 +439,14 @@ class DaliTrainLoader(_DaliLoaderBase):
 
     def epoch(self, epoch: int, iters: int) -> Iterator[TrainBatch]:
         """Exactly ``iters`` batches for ``epoch`` (labels are read when the call starts)."""
-        if iters < 0:
-            raise ValueError(f"iters must be >= 0, got {iters}")
+        plan = self.planner.plan(epoch, iters)
         if iters == 0:
             return
-        self._fill_decoded(self.batch_size)
-        plan = self.plan(epoch, iters)
+        self._fill_decoded(self.planner.share_size)
         labels = torch.from_numpy(self.labels.copy())
         camids = torch.from_numpy(self.camids)
-        rng = np.random.default_rng([self.seed, epoch])
-        feeds = (self._feed(idx, rng) for idx in plan)
+        rng = np.random.default_rng([self.seed, epoch, self.planner.rank])  # substitutes only
+        feeds = (self._feed(idx, seeds, rng) for idx, seeds in zip(plan.indices, plan.seeds))
         for _, outs in self._runner.run(feeds):
             indices = torch.from_numpy(np.array(outs[0].as_tensor(), dtype=np.int64))
             views = tuple(_to_torch(o, self.torch_device, self.channels_last) for o in outs[1:])
@@ -481,9 +459,9 @@ class DaliTestLoader(_DaliLoaderBase):
 
     def __init__(self, records: Sequence[ImageRecord], height: int, width: int, batch_size: int = 128,
                  workers: int = 2, *, on_error: str = "fail", device: str | None = None,
-                 channels_last: bool = False, cache: bool = False, prefetch: int = 2,
-                 decoded_cache: DecodedImageCache | None = None) -> None:
-        super().__init__(records, workers, on_error, device, channels_last, cache, decoded_cache)
+                 device_id: int | None = None, channels_last: bool = False, cache: bool = False,
+                 prefetch: int = 2, decoded_cache: DecodedImageCache | None = None) -> None:
+        super().__init__(records, workers, on_error, device, device_id, channels_last, cache, decoded_cache)
         if height <= 0 or width <= 0 or batch_size <= 0:
             raise ValueError(f"need positive height, width and batch_size, got {height}, {width}, "
                              f"{batch_size}")

@@ -1,10 +1,10 @@
-"""The DALI graphs of the input pipelines and the random draws that drive them.
+"""The DALI graphs of the input pipelines.
 
 Every random choice of the training augmentation (flip, crop offset, erasing box) is drawn in
-NumPy, per sample and per view, and fed to the graph through ``fn.external_source``: the graph
-itself is deterministic, the draws follow the reference :class:`~fastmmt.data.TrainTransform`
-rules exactly (integer crop offsets in ``[0, 2*pad]``, erasing with up to ``tries`` rejection
-draws), and they are reproducible from a seed whatever the number of DALI threads.
+Python by :func:`fastmmt.data.augment.draw_view`, the function the torch
+:class:`~fastmmt.data.TrainTransform` draws with, per image and per view, and fed to the graph
+through ``fn.external_source``: the graph itself is deterministic, so its views are those of the
+torch pipeline for the same seeds, whatever the number of DALI threads.
 
 The same graph runs on the CPU (``device="cpu"``, ``device_id=None``) or on a GPU
 (``device="gpu"``: nvJPEG ``mixed`` decoding, every later op on the GPU).
@@ -12,9 +12,10 @@ The same graph runs on the CPU (``device="cpu"``, ``device_id=None``) or on a GP
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
+
+from fastmmt.data.augment import AugmentSpec, ViewParams
 
 try:
     import nvidia.dali.fn as fn
@@ -25,7 +26,7 @@ try:
 except ImportError as exc:  # the torch pipeline stays usable without DALI
     DALI_IMPORT_ERROR = exc
 
-# One training view is fed as these four per-sample arrays (see ViewParams.columns).
+# One training view is fed as these four per-sample arrays (see view_columns).
 VIEW_COLUMNS = 4
 # DALI 2.4's default dynamic executor segfaulted here (in the CPU image decoder) when a decode
 # failed while another iteration was in flight (prefetch 2; 8 of 12 runs); the legacy executor
@@ -33,84 +34,17 @@ VIEW_COLUMNS = 4
 EXEC_DYNAMIC = False
 
 
-@dataclass(frozen=True)
-class AugmentSpec:
-    """The training augmentation's parameters (the spec's defaults; see TrainTransform)."""
+def view_columns(params: ViewParams, pad: int) -> list[np.ndarray]:
+    """The graph's :data:`VIEW_COLUMNS` per-sample inputs of one view: mirror flag, slice start,
+    erase anchor and erase shape.
 
-    flip_p: float = 0.5
-    pad: int = 10
-    erase_p: float = 0.5
-    erase_area: tuple[float, float] = (0.02, 0.4)
-    erase_min_aspect: float = 0.3
-    erase_tries: int = 100
-
-    def __post_init__(self) -> None:
-        if self.pad < 0 or not 0.0 <= self.flip_p <= 1.0 or not 0.0 <= self.erase_p <= 1.0:
-            raise ValueError(f"bad augmentation parameters: pad={self.pad}, flip_p={self.flip_p}, "
-                             f"erase_p={self.erase_p}")
-        lo, hi = self.erase_area
-        if not 0.0 < lo <= hi <= 1.0 or not 0.0 < self.erase_min_aspect <= 1.0 or self.erase_tries < 1:
-            raise ValueError(f"bad erasing parameters: area={self.erase_area}, "
-                             f"min_aspect={self.erase_min_aspect}, tries={self.erase_tries}")
-
-
-@dataclass(frozen=True)
-class ViewParams:
-    """Per-sample random draws of one augmented view of n images at H x W.
-
-    ``flip`` (n,) 0/1; ``crop`` (n, 2) the (top, left) offset in the padded image, each in
-    ``[0, 2*pad]``; ``erase_anchor``/``erase_shape`` (n, 2) the erased box (top, left) and
-    (h, w), shape (0, 0) when the sample is not erased.
+    The graph crops, then mirrors; flipping first and cropping at left ``x`` equals cropping the
+    unflipped image at ``2*pad - x`` and mirroring, hence the slice start below.
     """
-
-    flip: np.ndarray
-    crop: np.ndarray
-    erase_anchor: np.ndarray
-    erase_shape: np.ndarray
-
-    def columns(self, pad: int) -> list[np.ndarray]:
-        """The graph's four per-sample inputs: mirror flag, slice start, erase anchor and shape.
-
-        The graph crops, then mirrors; flipping first and cropping at left ``x`` equals cropping
-        the unflipped image at ``2*pad - x`` and mirroring, hence the slice start below.
-        """
-        left = np.where(self.flip == 1, 2 * pad - self.crop[:, 1], self.crop[:, 1])
-        start = np.stack([self.crop[:, 0], left], axis=1).astype(np.float32) - pad
-        return [self.flip.astype(np.int32), start,
-                self.erase_anchor.astype(np.float32), self.erase_shape.astype(np.float32)]
-
-
-def sample_view_params(rng: np.random.Generator, n: int, height: int, width: int,
-                       spec: AugmentSpec) -> ViewParams:
-    """Draw flip, crop and erasing for ``n`` samples by the reference TrainTransform's rules.
-
-    Erasing: with probability ``erase_p``, up to ``erase_tries`` draws of an area fraction uniform
-    in ``erase_area`` and an aspect ratio uniform in ``[min_aspect, 1/min_aspect]``;
-    ``h = round(sqrt(A*r))``, ``w = round(sqrt(A/r))``; the first draw with h < H and w < W wins
-    and is placed uniformly in ``[0, H-h] x [0, W-w]``; no draw fits -> no erasing.
-    """
-    flip = (rng.random(n) < spec.flip_p).astype(np.int32)
-    crop = rng.integers(0, 2 * spec.pad + 1, size=(n, 2))
-    anchor = np.zeros((n, 2), dtype=np.int64)
-    shape = np.zeros((n, 2), dtype=np.int64)
-    erase = rng.random(n) < spec.erase_p
-    m = int(erase.sum())
-    if m:
-        lo, hi = spec.erase_area
-        r0 = spec.erase_min_aspect
-        target = rng.uniform(lo, hi, size=(m, spec.erase_tries)) * (height * width)
-        aspect = rng.uniform(r0, 1.0 / r0, size=(m, spec.erase_tries))
-        h = np.rint(np.sqrt(target * aspect)).astype(np.int64)  # rint = Python round (half to even)
-        w = np.rint(np.sqrt(target / aspect)).astype(np.int64)
-        fits = (h < height) & (w < width)
-        first = fits.argmax(axis=1)
-        ok = fits[np.arange(m), first]
-        hs, ws = h[np.arange(m), first] * ok, w[np.arange(m), first] * ok
-        top = rng.integers(0, height - hs + 1)
-        left = rng.integers(0, width - ws + 1)
-        anchor[erase] = np.stack([top, left], axis=1) * ok[:, None]
-        shape[erase] = np.stack([hs, ws], axis=1)
-    return ViewParams(flip, crop, anchor, shape)
+    left = np.where(params.flip == 1, 2 * pad - params.crop[:, 1], params.crop[:, 1])
+    start = np.stack([params.crop[:, 0], left], axis=1).astype(np.float32) - pad
+    return [params.flip.astype(np.int32), start,
+            params.erase_anchor.astype(np.float32), params.erase_shape.astype(np.float32)]
 
 
 def require_dali() -> None:
@@ -150,24 +84,24 @@ def _normalize(img, mean: Sequence[float], std: Sequence[float], channels_last: 
                                     **kwargs)
 
 
-def train_pipeline(source: Callable[[], tuple], *, batch_size: int, height: int, width: int,
-                   num_views: int, pad: int, mean: Sequence[float], std: Sequence[float],
-                   erase_fill: Sequence[float], device: str = "cpu", num_threads: int = 2,
-                   device_id: int | None = None, channels_last: bool = False,
-                   prefetch: int = 2, decoded: bool = False) -> "Pipeline":
-    """The training graph: decode once, then ``num_views`` independent augmented branches.
+def train_pipeline(source: Callable[[], tuple], *, batch_size: int, spec: AugmentSpec, num_views: int,
+                   device: str = "cpu", num_threads: int = 2, device_id: int | None = None,
+                   channels_last: bool = False, prefetch: int = 2, decoded: bool = False) -> "Pipeline":
+    """The training graph of ``spec``: decode once, then ``num_views`` independent augmented branches.
 
     ``source()`` returns one batch as ``(encoded, indices, *view columns)``: encoded file bytes
-    (uint8 1-D arrays; with ``decoded``, the images already decoded, uint8 HWC), int64 indices (passed through to keep outputs aligned with the feed) and
-    :data:`VIEW_COLUMNS` per-sample arrays per view (:meth:`ViewParams.columns`); it raises
+    (uint8 1-D arrays; with ``decoded``, the images already decoded, uint8 HWC), int64 indices
+    (passed through to keep outputs aligned with the feed) and :data:`VIEW_COLUMNS` per-sample
+    arrays per view (:func:`view_columns`); it raises
     StopIteration at the end of an epoch. Outputs: ``(indices, view_0, ..., view_{V-1})``.
     Per view: centred zero pad + crop in one ``fn.slice`` (out-of-bounds = 0), mirror and
-    normalise in ``fn.crop_mirror_normalize``, then ``fn.erase`` with ``erase_fill`` written into
-    the normalised tensor (an empty box erases nothing).
+    normalise in ``fn.crop_mirror_normalize``, then ``fn.erase`` with ``spec.erase_fill`` written
+    into the normalised tensor (an empty box erases nothing).
     """
     require_dali()
     _check_device(device)
     layout_axes = "HW"
+    height, width = spec.height, spec.width
     crop_shape = np.array([height, width], dtype=np.float32)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
@@ -187,9 +121,9 @@ def train_pipeline(source: Callable[[], tuple], *, batch_size: int, height: int,
             flip, start, e_anchor, e_shape = feeds[2 + VIEW_COLUMNS * v: 2 + VIEW_COLUMNS * (v + 1)]
             x = fn.slice(img, start, crop_shape, axes=(0, 1), normalized_anchor=False,
                          normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
-            x = _normalize(x, mean, std, channels_last, mirror=flip)
+            x = _normalize(x, spec.mean, spec.std, channels_last, mirror=flip)
             x = fn.erase(x, anchor=e_anchor, shape=e_shape, axis_names=layout_axes,
-                         fill_value=list(erase_fill))
+                         fill_value=list(spec.erase_fill))
             views.append(x)
         return (indices, *views)
 

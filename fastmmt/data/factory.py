@@ -3,10 +3,11 @@
 ``backend="auto"`` picks ``"dali"`` when NVIDIA DALI is importable and, when the DALI loaders
 would run on the GPU (CUDA present and no ``device="cpu"``), one tiny GPU pipeline built and run
 once per process succeeds (DALI's CUDA build needs a recent driver: an older one fails only when
-a pipeline runs); else ``"torch"``, with one warning naming the reason. ``"dali"`` and
-``"torch"`` force one. Both training loaders share one interface
-(``epoch(epoch, iters)``, ``set_labels``, :class:`~fastmmt.data.TrainBatch`), and both test
-loaders yield ``(images, pids, camids, indices)`` in record order, so callers never branch.
+a pipeline runs); else ``"torch"``, with one warning naming the reason; in a single process and
+under torchrun alike. ``"dali"`` and ``"torch"`` force one. Both training loaders share one
+interface (``epoch(epoch, iters)``, ``set_labels``, :class:`~fastmmt.data.TrainBatch`), one batch
+plan and one augmentation, and both test loaders yield ``(images, pids, camids, indices)`` in
+record order, so callers never branch.
 Keyword options only the DALI loaders know (``on_error``, ``device``, ``channels_last``,
 ``cache``, ``prefetch``, ...) go in ``dali_options`` and are rejected with the torch backend.
 """
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from fastmmt.data import loaders as torch_loaders
+from fastmmt.data.augment import AugmentSpec
 from fastmmt.data.decoded_cache import DecodedImageCache
 from fastmmt.data.records import ImageRecord
 
@@ -107,42 +109,43 @@ def _torch_only(dali_options: dict[str, Any]) -> None:
 def build_train_loader(records: Sequence[ImageRecord], labels: np.ndarray, height: int, width: int,
                        batch_size: int = 64, num_instances: int = 4, num_views: int = 1,
                        workers: int = 2, seed: int = 0, erase: bool = True, backend: str = "auto",
-                       rank: int = 0, world_size: int = 1, decoded_cache: DecodedImageCache | None = None,
+                       rank: int = 0, world_size: int = 1, local_rank: int | None = None,
+                       augment: AugmentSpec | None = None, decoded_cache: DecodedImageCache | None = None,
                        **dali_options: Any):
     """A P x K training loader (:class:`DaliTrainLoader` or :class:`TorchTrainLoader`).
 
     ``rank``/``world_size``: the loader yields this rank's share of each global ``batch_size``
-    batch (torch backend only: ``auto`` picks torch when ``world_size > 1``).
+    batch (both backends: one :class:`~fastmmt.data.sampler.BatchPlanner` plan). ``local_rank``:
+    the CUDA device a DALI pipeline decodes on (the training device of the rank; the torch loader
+    makes CPU tensors and ignores it). ``augment``: the AugmentSpec (default: the recipe at HxW).
     ``decoded_cache``: decode each image once for the run (:func:`build_decoded_cache`, made
     for the same backend).
     """
-    args = (records, labels, height, width, batch_size, num_instances, num_views, workers, seed, erase)
-    if world_size > 1:
-        if backend == "dali":
-            raise ValueError("data.backend='dali' does not split P x K batches over ranks yet; use "
-                             "data.backend='torch' (or 'auto') for distributed training")
-        _torch_only(dali_options)
-        return torch_loaders.TorchTrainLoader(*args, rank=rank, world_size=world_size, decoded_cache=decoded_cache)
+    args = (records, labels, height, width, batch_size, num_instances, num_views, workers, seed, erase,
+            rank, world_size)
     if resolve_data_backend(backend, dali_options.get("device")) == "dali":
         from fastmmt.data.dali import DaliTrainLoader
-        return DaliTrainLoader(*args, decoded_cache=decoded_cache, **dali_options)
+        return DaliTrainLoader(*args, augment=augment, device_id=local_rank, decoded_cache=decoded_cache,
+                               **dali_options)
     _torch_only(dali_options)
-    return torch_loaders.TorchTrainLoader(*args, decoded_cache=decoded_cache)
+    return torch_loaders.TorchTrainLoader(*args, augment=augment, decoded_cache=decoded_cache)
 
 
 def build_test_loader(records: Sequence[ImageRecord], height: int, width: int, batch_size: int = 128,
-                      workers: int = 2, backend: str = "auto", decoded_cache: DecodedImageCache | None = None,
-                      persistent: bool = False, **dali_options: Any) -> Iterable:
+                      workers: int = 2, backend: str = "auto", local_rank: int | None = None,
+                      decoded_cache: DecodedImageCache | None = None, persistent: bool = False,
+                      **dali_options: Any) -> Iterable:
     """An ordered extraction loader yielding ``(images, pids, camids, indices)`` batches, the
     last partial batch included, iterable any number of times.
 
+    ``local_rank``: the CUDA device a DALI pipeline decodes on (ignored by the torch loader).
     ``decoded_cache``: decode each image once for the run. ``persistent``: torch worker
     processes stay alive between passes (a loader built once per run; DALI's pipeline always
     does)."""
     if resolve_data_backend(backend, dali_options.get("device")) == "dali":
         from fastmmt.data.dali import DaliTestLoader
-        return DaliTestLoader(records, height, width, batch_size, workers, decoded_cache=decoded_cache,
-                              **dali_options)
+        return DaliTestLoader(records, height, width, batch_size, workers, device_id=local_rank,
+                              decoded_cache=decoded_cache, **dali_options)
     _torch_only(dali_options)
     return torch_loaders.build_torch_test_loader(records, height, width, batch_size, workers,
                                                  decoded_cache=decoded_cache, persistent=persistent)

@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from fastmmt.data.augment import AugmentSpec, image_views, loader_spec
 from fastmmt.data.decoded_cache import DecodedImageCache
 from fastmmt.data.image_io import load_image
 from fastmmt.data.records import ImageRecord
-from fastmmt.data.sampler import IdentitySampler, rank_share
-from fastmmt.data.transforms import TestTransform, TrainTransform, resize_to_tensor
+from fastmmt.data.sampler import BatchPlanner
+from fastmmt.data.transforms import TestTransform, apply_view, resize_to_tensor
 
 
 class TrainBatch(NamedTuple):
@@ -46,12 +47,13 @@ class _Images:
 
 
 class _AugmentedImages(Dataset):
-    """Item ``(index, seed)`` -> (num_views augmented tensors, index); augmentation is seeded
-    per item, so results do not depend on the number of workers."""
+    """Item ``(index, seed)`` -> (num_views augmented tensors, index); the views are drawn from
+    the image's seed (:func:`~fastmmt.data.augment.image_views`), so results do not depend on
+    the number of workers."""
 
-    def __init__(self, paths: list[str], transform: TrainTransform, num_views: int,
+    def __init__(self, paths: list[str], spec: AugmentSpec, num_views: int,
                  cache: DecodedImageCache | None = None) -> None:
-        self.paths, self.transform, self.num_views = paths, transform, num_views
+        self.paths, self.spec, self.num_views = paths, spec, num_views
         self.image = _Images(paths, cache)
 
     def __len__(self) -> int:
@@ -59,12 +61,11 @@ class _AugmentedImages(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], int]:
         index, seed = item
-        base = resize_to_tensor(self.image(index), self.transform.height, self.transform.width)
-        gen = torch.Generator().manual_seed(seed)
-        return tuple(self.transform(base, gen) for _ in range(self.num_views)), index
+        base = resize_to_tensor(self.image(index), self.spec.height, self.spec.width)
+        return tuple(apply_view(base, v, self.spec) for v in image_views(self.spec, seed, self.num_views)), index
 
 
-class _BatchPlan:
+class _BatchList:
     """The batch sampler handed to DataLoader: replays the batches planned for the current epoch."""
 
     def __init__(self) -> None:
@@ -83,75 +84,54 @@ def _collate(items: list[tuple[tuple[torch.Tensor, ...], int]]) -> tuple[tuple[t
 
 
 class TorchTrainLoader:
-    """Reference training loader: P x K batches (``batch_size = P*K``) from :class:`IdentitySampler`
-    over the current labels, each image augmented ``num_views`` times independently.
+    """Reference training loader: the P x K batches (``batch_size = P*K``) of a
+    :class:`~fastmmt.data.sampler.BatchPlanner` over the current labels, each image augmented
+    ``num_views`` times independently (``augment``: an AugmentSpec, default the recipe at HxW;
+    ``erase=False`` turns erasing off).
 
     ``labels[i]`` is the (pseudo-)label of ``records[i]``; -1 excludes the image. Batches are
     deterministic given (seed, epoch) whatever ``workers`` is. With ``world_size > 1`` (one loader
-    per rank) each batch is this ``rank``'s share (:func:`~fastmmt.data.sampler.rank_share`) of the
-    global ``batch_size`` batch, images and augmentations identical to the single-process ones.
-    ``decoded_cache`` (a ``"pillow"`` :class:`~fastmmt.data.decoded_cache.DecodedImageCache`
-    holding these records' paths): each image is decoded once for the run, batches unchanged.
+    per rank) each batch is this ``rank``'s share of the global ``batch_size`` batch, images and
+    augmentations identical to the single-process ones. ``decoded_cache`` (a ``"pillow"``
+    :class:`~fastmmt.data.decoded_cache.DecodedImageCache` holding these records' paths): each
+    image is decoded once for the run, batches unchanged.
     """
 
     def __init__(self, records: Sequence[ImageRecord], labels: np.ndarray, height: int, width: int,
                  batch_size: int = 64, num_instances: int = 4, num_views: int = 1, workers: int = 2,
-                 seed: int = 0, erase: bool = True, rank: int = 0, world_size: int = 1,
-                 decoded_cache: DecodedImageCache | None = None) -> None:
-        if batch_size <= 0 or num_instances <= 0 or batch_size % num_instances:
-            raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of "
-                             f"num_instances ({num_instances})")
+                 seed: int = 0, erase: bool = True, rank: int = 0, world_size: int = 1, *,
+                 augment: AugmentSpec | None = None, decoded_cache: DecodedImageCache | None = None) -> None:
         if num_views < 1 or workers < 0:
             raise ValueError(f"need num_views >= 1 and workers >= 0, got {num_views} and {workers}")
         self.records = list(records)
         self.camids = np.array([r.camid for r in self.records], dtype=np.int64)
-        self.batch_size, self.num_instances, self.seed = batch_size, num_instances, seed
-        self.share = rank_share(batch_size, num_instances, rank, world_size)
-        self.transform = TrainTransform(height, width, erase_p=0.5 if erase else 0.0)
-        self._dataset = _AugmentedImages([r.path for r in self.records], self.transform, num_views,
-                                         decoded_cache)
-        self._plan = _BatchPlan()
+        self.planner = BatchPlanner(labels, self.camids, batch_size, num_instances, seed, rank, world_size)
+        self.spec = loader_spec(height, width, erase, augment)
+        self._dataset = _AugmentedImages([r.path for r in self.records], self.spec, num_views, decoded_cache)
+        self._batches = _BatchList()
         self._workers = workers
         self._loader: DataLoader | None = None
-        self.set_labels(labels)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The current labels (one per record, -1 = excluded)."""
+        return self.planner.labels
 
     def set_labels(self, labels: np.ndarray) -> None:
         """Replace the labels (e.g. new pseudo-labels each epoch); -1 marks excluded images."""
-        lab = np.asarray(labels, dtype=np.int64)
-        if lab.shape != (len(self.records),):
-            raise ValueError(f"labels must have shape ({len(self.records)},) (one per record), "
-                             f"got {lab.shape}")
-        self.labels = lab
-        self.sampler = IdentitySampler(lab, self.camids, self.num_instances, self.seed)
-        if len(self.sampler) < self.batch_size:
-            raise ValueError(f"only {self.sampler.num_identities} labelled identities: a batch of "
-                             f"{self.batch_size} needs at least {self.batch_size // self.num_instances}")
-
-    def _plan_epoch(self, epoch: int, iters: int) -> list[list[tuple[int, int]]]:
-        """``iters`` batches of (index, augmentation seed), this rank's share of each; a pass's
-        remainder shorter than a batch is dropped and the sampler restarts (the reference's
-        IterLoader + drop_last)."""
-        self.sampler.set_epoch(epoch)
-        per_pass = len(self.sampler) // self.batch_size
-        stream = np.concatenate([np.fromiter(iter(self.sampler), np.int64)[:per_pass * self.batch_size]
-                                 for _ in range(-(-iters // per_pass))])[:iters * self.batch_size]
-        seeds = np.random.SeedSequence([self.seed, epoch]).generate_state(stream.size, np.uint64)
-        seeds = (seeds >> np.uint64(1)).astype(np.int64)  # torch seeds must fit int64
-        pairs = list(zip(stream.tolist(), seeds.tolist()))
-        return [pairs[i:i + self.batch_size][self.share] for i in range(0, len(pairs), self.batch_size)]
+        self.planner.set_labels(labels)
 
     def _get_loader(self) -> DataLoader:
         if self._loader is None:
             extra = dict(persistent_workers=True, worker_init_fn=_single_thread_worker) if self._workers else {}
-            self._loader = DataLoader(self._dataset, batch_sampler=self._plan, num_workers=self._workers,
+            self._loader = DataLoader(self._dataset, batch_sampler=self._batches, num_workers=self._workers,
                                       collate_fn=_collate, **extra)
         return self._loader
 
     def epoch(self, epoch: int, iters: int) -> Iterator[TrainBatch]:
         """Exactly ``iters`` batches for ``epoch`` (labels are read when the call starts)."""
-        if iters < 0:
-            raise ValueError(f"iters must be >= 0, got {iters}")
-        self._plan.batches = self._plan_epoch(epoch, iters) if iters else []
+        plan = self.planner.plan(epoch, iters)
+        self._batches.batches = [list(zip(i.tolist(), s.tolist())) for i, s in zip(plan.indices, plan.seeds)]
         labels = torch.from_numpy(self.labels.copy())
         camids = torch.from_numpy(self.camids)
         for views, indices in self._get_loader():

@@ -1,8 +1,11 @@
-"""P x K identity sampler: runs of K images per identity, cross-camera positives first."""
+"""The P x K plan: the identity sampler (runs of K images per identity, cross-camera positives
+first) and the batch planner both training loaders consume (which images, with which
+augmentation seeds, each rank's share of every global batch holds)."""
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -97,3 +100,71 @@ def rank_share(batch_size: int, num_instances: int, rank: int, world_size: int) 
                          f"{num_instances} cannot be split into whole identities over {world_size} ranks")
     share = batch_size // world_size
     return slice(rank * share, (rank + 1) * share)
+
+
+class BatchPlan(NamedTuple):
+    """``iters`` batches: ``indices[i, j]`` is the j-th image of batch i, ``seeds[i, j]`` the seed
+    its augmented views are drawn from (:func:`fastmmt.data.augment.image_views`); (iters, n) int64."""
+
+    indices: np.ndarray
+    seeds: np.ndarray
+
+
+class BatchPlanner:
+    """The P x K plan of a training loader: every global batch of an epoch and this rank's share.
+
+    Owns the labels (``-1`` excludes an image), the cameras, K (``num_instances``), the global
+    ``batch_size`` = P*K, the seed, and the rank's place in the run. An epoch's stream is
+    :class:`IdentitySampler` passes (pass r of epoch e is a pure function of (seed, e, r)), each
+    cut to whole batches: a pass's remainder shorter than a batch is dropped and the sampler
+    restarts (the reference's IterLoader + drop_last). Every image of the stream gets an
+    augmentation seed, a pure function of (seed, epoch, position in the stream). Rank ``r`` of
+    ``world_size`` takes :func:`rank_share` of each global batch: P / world_size whole identities,
+    disjoint across ranks, so its indices AND augmentations are those of the single-process
+    batch, whichever loader (torch or DALI) consumes the plan.
+    """
+
+    def __init__(self, labels: Sequence[int], camids: Sequence[int], batch_size: int = 64,
+                 num_instances: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size <= 0 or num_instances <= 0 or batch_size % num_instances:
+            raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of "
+                             f"num_instances ({num_instances})")
+        self.camids = np.asarray(camids, dtype=np.int64)
+        if self.camids.ndim != 1:
+            raise ValueError(f"camids must be 1-D, got shape {self.camids.shape}")
+        self.batch_size, self.num_instances, self.seed = batch_size, num_instances, seed
+        self.rank, self.world_size = rank, world_size
+        self.share = rank_share(batch_size, num_instances, rank, world_size)
+        self.set_labels(labels)
+
+    @property
+    def share_size(self) -> int:
+        """Images per batch on this rank (``batch_size / world_size``)."""
+        return self.share.stop - self.share.start
+
+    def set_labels(self, labels: Sequence[int]) -> None:
+        """Replace the labels (e.g. new pseudo-labels each epoch); -1 marks excluded images."""
+        lab = np.asarray(labels, dtype=np.int64)
+        if lab.shape != self.camids.shape:
+            raise ValueError(f"labels must have shape {self.camids.shape} (one per record), got {lab.shape}")
+        sampler = IdentitySampler(lab, self.camids, self.num_instances, self.seed)
+        if len(sampler) < self.batch_size:
+            raise ValueError(f"only {sampler.num_identities} labelled identities: a batch of "
+                             f"{self.batch_size} needs at least {self.batch_size // self.num_instances}")
+        self.labels, self.sampler = lab, sampler
+
+    def global_plan(self, epoch: int, iters: int) -> BatchPlan:
+        """The ``iters`` global batches of ``epoch``, (iters, batch_size) each."""
+        if iters < 0:
+            raise ValueError(f"iters must be >= 0, got {iters}")
+        per_pass = len(self.sampler) // self.batch_size
+        passes = [self.sampler.order(epoch, r)[:per_pass * self.batch_size] for r in range(-(-iters // per_pass))]
+        stream = np.concatenate(passes)[:iters * self.batch_size] if passes else np.empty(0, np.int64)
+        seeds = np.random.SeedSequence([self.seed, epoch]).generate_state(stream.size, np.uint64)
+        seeds = (seeds >> np.uint64(1)).astype(np.int64)  # torch seeds must fit int64
+        return BatchPlan(stream.reshape(iters, self.batch_size), seeds.reshape(iters, self.batch_size))
+
+    def plan(self, epoch: int, iters: int) -> BatchPlan:
+        """This rank's share of the ``iters`` global batches of ``epoch``, (iters, share_size)."""
+        full = self.global_plan(epoch, iters)
+        return BatchPlan(full.indices[:, self.share], full.seeds[:, self.share])

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fastmmt.data import ImageRecord, ReIDDataset
+from fastmmt.data.augment import AugmentSpec
 from fastmmt.data.factory import build_test_loader
 from fastmmt.evaluation import evaluate_features, extract_features
 from fastmmt.models import ReIDNet, build_model
@@ -88,6 +89,16 @@ def check_label_range(labels: np.ndarray, num_classes: int, what: str) -> None:
         raise ValueError(f"{what}: label {int(labels.min())} is negative (only -1, an outlier, may be)")
 
 
+def data_device_id(ctx: DistContext) -> int | None:
+    """The CUDA device index a rank's DALI pipelines run on (its own ``cuda:LOCAL_RANK``), or None."""
+    return ctx.device.index if ctx.device.type == "cuda" else None
+
+
+def train_augment(dopts: DataOptions) -> AugmentSpec | None:
+    """The loaders' ``augment`` argument for ``data.augment`` (None: the recipe)."""
+    return None if dopts.augment else AugmentSpec(dopts.height, dopts.width).off()
+
+
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -98,13 +109,14 @@ def extract(model: nn.Module, records: Sequence[ImageRecord], dopts: DataOptions
             ctx: DistContext | None = None) -> torch.Tensor:
     """Normalised after-BN features of ``records`` (model in eval mode), (N, D) float32 on CPU.
 
-    Distributed: each rank extracts its contiguous shard; the shards are all-gathered in order.
+    Distributed: each rank extracts (and its loader decodes) its contiguous shard; the shards are
+    all-gathered in order.
     """
     ctx = ctx or DistContext(device=device)
     share = shard_range(len(records), ctx)
     mine = list(records)[share.start:share.stop]
     loader = build_test_loader(mine, dopts.height, dopts.width, batch_size=dopts.test_batch_size,
-                               workers=dopts.workers, backend=dopts.backend)
+                               workers=dopts.workers, backend=dopts.backend, local_rank=data_device_id(ctx))
     was_training = model.training
     model.eval()
     try:

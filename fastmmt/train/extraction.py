@@ -20,7 +20,7 @@ from fastmmt.data import ImageRecord, ReIDDataset
 from fastmmt.data.decoded_cache import DecodedCacheError, DecodedImageCache
 from fastmmt.data.factory import build_decoded_cache, build_test_loader
 from fastmmt.evaluation import FeatureExtractor, evaluate_features
-from fastmmt.train.common import NonFiniteLossError
+from fastmmt.train.common import NonFiniteLossError, data_device_id
 from fastmmt.train.distributed import DistContext, gather_rows, shard_range
 from fastmmt.train.options import DataOptions, ModelOptions, RunOptions
 
@@ -68,7 +68,8 @@ class RunExtraction:
         d = self.dopts
         loader = build_test_loader(list(records)[share.start:share.stop], d.height, d.width,
                                    batch_size=d.test_batch_size, workers=d.workers, backend=d.backend,
-                                   decoded_cache=self.decoded_cache, persistent=d.persistent_loaders)
+                                   local_rank=data_device_id(self.ctx), decoded_cache=self.decoded_cache,
+                                   persistent=d.persistent_loaders)
         ext = FeatureExtractor(loader, self.device, channels_last=self.mopts.channels_last,
                                amp_dtype=AMP_DTYPES.get(self.ropts.amp or ""),
                                progress=self.ropts.progress and self.ctx.is_main)

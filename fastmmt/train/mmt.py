@@ -37,9 +37,11 @@ from fastmmt.train.common import (
     adam_impl,
     check_label_range,
     compile_backbones,
+    data_device_id,
     refuse_if_not_finite,
     step_is_finite,
     to_device,
+    train_augment,
 )
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.logger import RunLogger
@@ -277,6 +279,7 @@ class _Adapt:
                                              num_instances=d.num_instances, num_views=2 if self.mmt else 1,
                                              workers=d.workers, seed=r.seed, erase=a.erase, backend=d.backend,
                                              rank=ctx.rank, world_size=ctx.world_size,
+                                             local_rank=data_device_id(ctx), augment=train_augment(d),
                                              decoded_cache=self.decoded_cache)
         else:
             self.loader.set_labels(labels)

@@ -21,11 +21,13 @@ from fastmmt.train.common import (
     adam_impl,
     check_label_range,
     compile_backbones,
+    data_device_id,
     evaluate,
     make_model,
     refuse_if_not_finite,
     step_is_finite,
     to_device,
+    train_augment,
 )
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, finite_flag, run_epochs
@@ -108,7 +110,8 @@ class _Pretrain:
         self.model = model
         self.optimizer = adam([model], p.lr, p.weight_decay, adam_impl(r))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(p))
-        shard = dict(rank=rt.ctx.rank, world_size=rt.ctx.world_size)
+        shard = dict(rank=rt.ctx.rank, world_size=rt.ctx.world_size, local_rank=data_device_id(rt.ctx),
+                     augment=train_augment(d))
         labels = np.array([x.pid for x in source.train])
         check_label_range(labels, self.num_classes, f"source dataset {source.name}")
         self.src = build_train_loader(source.train, labels, d.height, d.width,
