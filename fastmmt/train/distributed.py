@@ -118,13 +118,22 @@ def _release_captured_group(pg: object) -> None:
             fn.__defaults__ = tuple(None if d is pg else d for d in fn.__defaults__)
 
 
-def cleanup() -> None:
+def cleanup(wait_for_all: bool = False) -> None:
     """Leave the process group (no-op when there is none) and free it now, on this thread.
 
     The group is destroyed here, its worker threads joined, rather than by the garbage collector
-    during interpreter shutdown (see :func:`_release_captured_group`).
+    during interpreter shutdown (see :func:`_release_captured_group`). ``wait_for_all`` (after a
+    command succeeded): a barrier first, so no rank exits while rank 0 still writes its last
+    files; torchrun stops every rank as soon as one fails, so a rank dying on its way out could
+    otherwise cut rank 0's final log line or results short. A barrier that fails (a rank already
+    gone) is logged and the group destroyed all the same.
     """
     if dist.is_available() and dist.is_initialized():
+        if wait_for_all:
+            try:
+                dist.barrier()
+            except (RuntimeError, dist.DistBackendError) as e:
+                log.warning("final barrier failed (%s); leaving the process group anyway", e)
         pg = dist.group.WORLD
         dist.destroy_process_group()
         _release_captured_group(pg)
