@@ -251,7 +251,7 @@ def test_mmt_ranks_agree_and_match_single_process(method, domains, dist_pretrain
     computed from the same weights differs by at most TAU = 2 DEPTH N_MAX u = 1.8e-11 of its
     magnitude (to first order): the first step's loss terms and gradients (each tensor, against
     its largest entry). Adam's step lr m/(sqrt(v) + eps) changes by at most lr / eps per unit of
-    gradient difference (the worst case, a gradient near zero; on a float32 run TAU is ~1e-1 and
+    gradient difference (the worst case, a gradient near zero; on a float32 run TAU is ~1e-2 and
     this is a whole step, which is why the comparison is made in float64), so after t steps every
     weight is within W_t = t 2 lr TAU G / eps, G the largest gradient entry of the run (first
     order: the feedback of the weights' differences into later gradients is neglected). Teachers
