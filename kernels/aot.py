@@ -20,7 +20,8 @@ _PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 
 
 def _specs(dtype: str) -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
-    """(name, kernel, signature, constexprs) of each kernel at the CUDA block sizes."""
+    """(name, kernel, signature, constexprs) of every variant the launchers can launch, at the CUDA
+    block sizes (the logits kernels always get a teacher, labels or both)."""
     x, f32, i32, i64 = _PTR[dtype], "*fp32", "i32", "*i64"
     bm, bn, bd = distance.CUDA_BLOCKS
     lm, lk = logits.CUDA_BLOCKS
@@ -39,7 +40,7 @@ def _specs(dtype: str) -> list[tuple[str, object, dict[str, str], dict[str, obje
         out.append((f"pairwise_bwd[self={has}]", distance._pairwise_bwd, dict(
             g_ptr=f32, d_ptr=f32, a_ptr=x, b_ptr=x, out_ptr=x, NA=i32, NB=i32, D=i32, sg0=i32, sg1=i32,
             sd0=i32, sd1=i32, stride_a=i32, stride_b=i32, stride_o=i32), {"SELF": has, **tri_blocks}))
-        for has_lab in (True, False):
+        for has_lab in (True, False) if has else (True,):  # no launcher passes neither
             flags = {"HAS_TEACHER": has, "HAS_LABELS": has_lab, "BLOCK_M": lm, "BLOCK_K": lk}
             tag = f"[teacher={has},labels={has_lab}]"
             out.append(("logits_fwd" + tag, logits._logits_fwd, dict(

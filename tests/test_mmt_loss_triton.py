@@ -103,9 +103,65 @@ def test_mmt_kernels_compile_for_sm90():
     assert all(size > 0 for size in sizes.values())
 
 
+def _variant(kernel: str, constexprs: dict) -> tuple:
+    """A kernel variant: the kernel's name and its non-block constexpr flags."""
+    return kernel.lstrip("_"), tuple(sorted((k, v) for k, v in constexprs.items() if not k.startswith("BLOCK_")))
+
+
+def _launched_variants(monkeypatch, gen) -> set[tuple]:
+    """Every kernel variant the public ops launch, recorded at the launch: each op forward and
+    backward (CE, soft entropy, both at once, hard/soft triplet, self and cross distances, and the
+    compat modules' margin triplets)."""
+    from fastmmt import ops
+    from fastmmt.kernels import distance, logits, triplet
+    from fastmmt.ops import triton_ops
+
+    seen: set[tuple] = set()
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                seen.add(_variant(self.name, constexprs))
+                return self.kernel[grid](*args, **constexprs)
+            return launch
+
+    for mod in (distance, logits, triplet):
+        for name in [n for n in vars(mod) if n.endswith(("_fwd", "_bwd"))]:
+            monkeypatch.setattr(mod, name, Recorder(name, getattr(mod, name)))
+    x, y, s, t = (torch.randn(8, 6, generator=gen, requires_grad=True) for _ in range(4))
+    lab = torch.arange(8) % 3
+    for loss in (ops.cross_entropy_label_smooth(s, lab, backend="triton"),
+                 ops.soft_entropy(s, t, backend="triton"),
+                 sum(ops.logits_pair_losses(s, t, lab, backend="triton")),
+                 ops.softmax_triplet_loss(x, lab, backend="triton"),
+                 sum(ops.triplet_pair_losses(x, y, lab, backend="triton")),
+                 ops.pairwise_euclidean(x, backend="triton").sum(),
+                 ops.pairwise_euclidean(x, y, backend="triton").sum(),
+                 triton_ops.margin_triplet_loss(x, lab, 0.3)[0],  # the compat modules' variants
+                 triton_ops.margin_softmax_triplet_loss(x, lab, 0.3)[0]):
+        loss.backward()
+    return seen
+
+
+def test_aot_compiles_exactly_the_variants_the_launchers_launch(monkeypatch, gen):
+    """kernels/aot.py's spec list is the set of variants the ops really launch: none is left
+    uncompiled (a new kernel or flag without an AOT spec fails here) and none is dead."""
+    from fastmmt.kernels import aot
+
+    specs = [_variant(getattr(fn, "fn", fn).__name__, consts) for _, fn, _, consts in aot._specs("float32")]
+    assert len(set(specs)) == len(specs)
+    assert set(specs) == _launched_variants(monkeypatch, gen)
+
+
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm90_in_every_dtype():
-    sizes = _compile_for_sm90(("float32", "bfloat16", "float16"), None)
-    # per dtype: triplet_fwd x 3 (teacher; no teacher; hinge), triplet_bwd, pairwise fwd/bwd x 2 (self or
-    # not), logits fwd/bwd x 4 (teacher, labels): 16 (the count was 17 for the 15 kernels before the hinge)
-    assert len(sizes) == 3 * 16 and all(size > 0 for size in sizes.values())
+    from fastmmt.kernels import aot
+
+    dtypes = ("float32", "bfloat16", "float16")
+    sizes = _compile_for_sm90(dtypes, None)
+    # every spec in every dtype (which specs: exactly the launched variants, checked above)
+    assert sorted(sizes) == sorted(f"{name}[{dt}]" for dt in dtypes for name, *_ in aot._specs(dt))
+    assert all(size > 0 for size in sizes.values())

@@ -222,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
     logging.basicConfig(level=level if _is_main() else max(level, logging.WARNING),
                         format=f"%(asctime)s {prefix}%(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    ok = False
     try:
-        return args.func(args)
+        rc = args.func(args)
+        ok = rc == 0
+        return rc
     except ConfigError as e:
         print(f"fastmmt: {prefix}config error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -234,4 +237,4 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         from fastmmt.train.distributed import cleanup
-        cleanup()
+        cleanup(wait_for_all=ok)  # every rank waits for rank 0's last writes, on success only

@@ -17,9 +17,12 @@ path. What the trainer relies on (see docs/distributed.md):
 """
 from __future__ import annotations
 
+import gc
+import inspect
 import logging
 import os
 import pickle
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -99,10 +102,43 @@ def setup(device: torch.device) -> DistContext:
     return ctx
 
 
-def cleanup() -> None:
-    """Leave the process group (no-op when there is none)."""
+def _release_captured_group(pg: object) -> None:
+    """Drop references to ``pg`` that torch keeps in function defaults.
+
+    ``torch.distributed.nn.functional`` (imported by ``DistributedDataParallel`` on first use,
+    after the group exists) binds ``group=group.WORLD`` at import: its functions' defaults then
+    hold the default process group. Without this, :func:`cleanup` unregisters the group but the
+    group lives on with its C++ threads (gloo: two ``pt_gloo_runloop`` workers and the TCP loop)
+    until the garbage collector frees it in the middle of interpreter shutdown. ``None`` is what
+    those functions treat as the default group.
+    """
+    mod = sys.modules.get("torch.distributed.nn.functional")
+    for fn in vars(mod).values() if mod is not None else ():
+        if inspect.isfunction(fn) and fn.__defaults__ and any(d is pg for d in fn.__defaults__):
+            fn.__defaults__ = tuple(None if d is pg else d for d in fn.__defaults__)
+
+
+def cleanup(wait_for_all: bool = False) -> None:
+    """Leave the process group (no-op when there is none) and free it now, on this thread.
+
+    The group is destroyed here, its worker threads joined, rather than by the garbage collector
+    during interpreter shutdown (see :func:`_release_captured_group`). ``wait_for_all`` (after a
+    command succeeded): a barrier first, so no rank exits while rank 0 still writes its last
+    files; torchrun stops every rank as soon as one fails, so a rank dying on its way out could
+    otherwise cut rank 0's final log line or results short. A barrier that fails (a rank already
+    gone) is logged and the group destroyed all the same.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait_for_all:
+            try:
+                dist.barrier()
+            except (RuntimeError, dist.DistBackendError) as e:
+                log.warning("final barrier failed (%s); leaving the process group anyway", e)
+        pg = dist.group.WORLD
         dist.destroy_process_group()
+        _release_captured_group(pg)
+        del pg
+        gc.collect()  # the group may also sit in reference cycles (DDP modules, autograd hooks)
 
 
 def shard_range(n: int, ctx: DistContext) -> range:
