@@ -64,9 +64,11 @@ def recording_loss(*args, **kw):  # MMT: every term
     return out
 
 
-def recording_finite(loss, *args, **kw):  # pre-training: the total (ce + tri)
-    steps.append({"terms": [loss.detach().clone()]})
-    return real_finite(loss, *args, **kw)
+def recording_total(check):  # pre-training: the total (ce + tri), as the step's finite check sees it
+    def checked(loss, *args, **kw):
+        steps.append({"terms": [loss.detach().clone()]})
+        return check(loss, *args, **kw)
+    return checked
 
 
 def recording_adam(models, *args):
@@ -92,14 +94,16 @@ def dumping(epoch, st, nets, labels, clusterer):
     return state
 
 
-real_loss, real_adam, real_state, real_finite = mmt.mmt_loss, mmt.adam, mmt._epoch_state, pt.step_is_finite
+real_loss, real_adam, real_state = mmt.mmt_loss, mmt.adam, mmt._epoch_state
 target = load_dataset("synthetic", opts.data.target_root)
 if stage == "adapt":
     mmt.load_model_file = to_float64(mmt.load_model_file)
     mmt.mmt_loss, mmt.adam, mmt._epoch_state = recording_loss, recording_adam, dumping
     mmt.adapt(target, inits, opts, out)
 else:
-    pt.make_model, pt.adam, pt.step_is_finite = to_float64(pt.make_model), recording_adam, recording_finite
+    pt.make_model, pt.adam = to_float64(pt.make_model), recording_adam
+    # the step checks its loss once: on the host (run.sync_each_step) or as a device flag (default)
+    pt.step_is_finite, pt.finite_flag = recording_total(pt.step_is_finite), recording_total(pt.finite_flag)
     res = pt.pretrain(load_dataset("synthetic", opts.data.source_root), target, opts, seed=1, out_dir=out)
     torch.save({"steps": steps, "model": torch.load(res.model_path, weights_only=False)["model"] if rank == 0 else None},
                Path(dump) / f"rank{rank}_ep{opts.pretrain.epochs - 1}.pt")
