@@ -123,6 +123,57 @@ def test_persistent_test_loader_gives_the_same_batches_every_pass(dataset):
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+def forbid_resizing(monkeypatch) -> None:
+    """From here on any PIL resize of a loaded image fails the test."""
+    def no_resize(img, height, width):
+        raise AssertionError("resized an image again")
+    monkeypatch.setattr("fastmmt.data.transforms.resize_to_tensor", no_resize)
+    monkeypatch.setattr(cache_mod, "resize_to_tensor", no_resize)
+
+
+def test_cache_at_the_input_size_stores_the_resized_image(dataset):
+    cache = DecodedImageCache(paths_of(dataset), input_size=(H, W))
+    assert cache.resized.all() and cache.nbytes == len(dataset) * H * W * 3  # 32 x 16 < 40 x 20
+    ref = np.asarray(load_image(dataset[3].path).resize((W, H), Image.BICUBIC))  # what every loader does first
+    np.testing.assert_array_equal(cache.pillow_image(3), ref)
+    # an input size that would enlarge the stored image keeps the decoded image
+    big = DecodedImageCache(paths_of(dataset), input_size=(2 * SH, 2 * SW))
+    assert not big.resized.any() and big.nbytes == len(dataset) * SH * SW * 3
+    np.testing.assert_array_equal(big.pillow_image(3), np.asarray(load_image(dataset[3].path)))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("size", [(H, W), (2 * SH, 2 * SW)], ids=["smaller", "enlarged"])
+def test_input_size_cache_gives_the_same_batches_and_features(dataset, workers, size, monkeypatch):
+    labels = labels_of(dataset)
+    h, w = size
+    cache = DecodedImageCache(paths_of(dataset), input_size=size)
+    kw = dict(batch_size=16, num_instances=4, num_views=2, workers=workers, seed=3)
+    plain = TorchTrainLoader(dataset, labels, h, w, **kw)
+    cached = TorchTrainLoader(dataset, labels, h, w, decoded_cache=cache, **kw)
+    test_plain = list(build_torch_test_loader(dataset, h, w, batch_size=16, workers=workers))
+    test_cached = build_torch_test_loader(dataset, h, w, batch_size=16, workers=workers, decoded_cache=cache)
+    for (xp, _, _, ip), (xc, _, _, ic) in zip(test_plain, test_cached, strict=True):  # fills the cache
+        assert torch.equal(ip, ic) and torch.equal(xp, xc)
+    assert cache.num_filled == len(dataset)
+    want = [list(plain.epoch(e, 4)) for e in (0, 1)]
+    if workers == 0:
+        forbid_decoding(monkeypatch)
+        if size == (H, W):
+            forbid_resizing(monkeypatch)  # stored at the input size: nothing is resized again
+    for e in (0, 1):
+        assert_same_batches(list(cached.epoch(e, 4)), want[e])
+
+
+def test_input_size_cache_refuses_other_sizes_and_decoders(dataset):
+    cache = DecodedImageCache(paths_of(dataset), input_size=(H, W))
+    with pytest.raises(DecodedCacheError, match=r"reads 24x12 images but .* resized to 32x16"):
+        build_torch_test_loader(dataset, 24, 12, decoded_cache=cache)
+    with pytest.raises(DecodedCacheError, match="needs the 'pillow' decoder"):
+        DecodedImageCache(paths_of(dataset), decoder="dali-cpu", input_size=(H, W))
+    assert build_decoded_cache(dataset, backend="torch", input_size=(H, W)).resized.all()
+
+
 def test_memory_bound_and_errors_are_named(dataset, tmp_path):
     need = len(dataset) * SH * SW * 3
     DecodedImageCache(paths_of(dataset), max_bytes=need)  # exactly fits

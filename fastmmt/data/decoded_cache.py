@@ -1,4 +1,5 @@
-"""The decoded-image cache: each image decoded once per run, kept as uint8 RGB at its stored size.
+"""The decoded-image cache: each image decoded once per run, kept as uint8 RGB at its stored size
+(or, for the torch loaders, already resized to the input size where that is smaller).
 
 All images live in one flat uint8 buffer (image i is ``H_i x W_i x 3`` at a fixed offset, sized
 from the file headers when the cache is made) with a per-image "filled" flag. On the CPU the
@@ -6,6 +7,13 @@ buffer and the flags are in shared memory, so ``DataLoader`` worker processes fi
 same cache as the main process: the first pass over the images (an extraction, or the first
 training epoch) decodes each image once, and every later pass decodes nothing. Augmentation is
 untouched: it runs on the decoded image exactly as it would on a freshly decoded one.
+
+Every torch loader of a run starts from the same deterministic step, the PIL bicubic resize to
+the input size (:func:`~fastmmt.data.transforms.resize_to_tensor`). A ``"pillow"`` cache given
+that ``input_size`` stores an image already resized whenever the resized image is no larger than
+the decoded one (the demo's 128x64 crops at 64x32): a quarter of the memory, and no resize on
+any later pass. An image the input size would enlarge (Market-1501's 128x64 crops at 256x128)
+is stored as decoded. Either way a loader gets the same pixels as without the cache.
 
 A cache belongs to one decoder (:data:`DECODERS`): ``"pillow"`` for the torch loaders, DALI's
 CPU or GPU decoder for the DALI loaders. Decoders may differ by a unit on some pixels, and an
@@ -27,6 +35,7 @@ from PIL import Image
 
 from fastmmt.data.image_io import load_image
 from fastmmt.data.records import DatasetError
+from fastmmt.data.transforms import resize_to_tensor
 
 DECODERS = ("pillow", "dali-cpu", "dali-gpu")
 CHANNELS = 3  # every decoder here outputs RGB
@@ -69,21 +78,33 @@ class DecodedImageCache:
     ``max_bytes``: the bound on the decoded set (None: half of :func:`available_memory_bytes`).
     ``device``: where the buffer lives, ``"cpu"`` (shared memory, visible to worker processes)
     or a CUDA device (for DALI on the GPU). Images are addressed by slot (their position in
-    ``paths``); :meth:`slots` maps a loader's own paths to slots.
+    ``paths``); :meth:`slots` maps a loader's own paths to slots. ``input_size`` (``"pillow"``
+    only): the (height, width) every loader of the cache resizes to first; an image it does not
+    enlarge is stored resized (``resized[slot]``).
     """
 
     def __init__(self, paths: Sequence[str], *, decoder: str = "pillow", max_bytes: int | None = None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", input_size: tuple[int, int] | None = None) -> None:
         if decoder not in DECODERS:
             raise DecodedCacheError(f"unknown decoder {decoder!r} for the decoded-image cache; "
                                     f"choose one of {DECODERS}")
+        if input_size is not None and (decoder != "pillow" or min(input_size) < 1):
+            raise DecodedCacheError(f"input_size={input_size} needs the 'pillow' decoder and a positive size "
+                                    f"(got decoder {decoder!r})")
         self.paths = [str(p) for p in paths]
         if not self.paths:
             raise DecodedCacheError("the decoded-image cache needs at least one image")
         self.decoder = decoder
         self.device = torch.device(device)
+        self.input_size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
         sizes = np.array([_stored_size(p) for p in self.paths], dtype=np.int64).reshape(-1, 2)
-        self.sizes = np.prod(sizes, axis=1) * CHANNELS  # bytes of each decoded image
+        pixels = np.prod(sizes, axis=1)
+        # an unreadable header (0 pixels) is never resized: it fails with the decoder's error
+        self.resized = np.zeros(len(self.paths), dtype=bool) if input_size is None else \
+            pixels >= self.input_size[0] * self.input_size[1]
+        if self.input_size is not None:
+            pixels = np.where(self.resized, self.input_size[0] * self.input_size[1], pixels)
+        self.sizes = pixels * CHANNELS  # bytes of each stored image
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.nbytes = int(self.offsets[-1])
         bound = available_memory_bytes() // 2 if max_bytes is None else int(max_bytes)
@@ -92,7 +113,7 @@ class DecodedImageCache:
                 "half the memory available now"
             raise DecodedCacheError(
                 f"the decoded-image cache does not fit: {len(self.paths)} images need {_mib(self.nbytes)} "
-                f"decoded (uint8 RGB at their stored size), over {what}, {_mib(bound)}; raise the bound "
+                f"decoded (uint8 RGB at their stored size, or the input size where smaller), over {what}, {_mib(bound)}; raise the bound "
                 f"or turn the decoded-image cache off (images are then decoded on every pass)")
         self._slot_of = {p: i for i, p in enumerate(self.paths)}
         buf = torch.empty(max(self.nbytes, 1), dtype=torch.uint8, device=self.device)
@@ -154,11 +175,17 @@ class DecodedImageCache:
         return True
 
     def pillow_image(self, slot: int) -> np.ndarray:
-        """Image ``slot`` as :func:`~fastmmt.data.load_image` decodes it (H x W x 3 uint8),
-        decoded and stored on first use (``"pillow"`` caches only)."""
+        """Image ``slot`` as :func:`~fastmmt.data.load_image` decodes it (H x W x 3 uint8) or,
+        where ``resized[slot]``, that image resized to ``input_size`` as
+        :func:`~fastmmt.data.transforms.resize_to_tensor` resizes it; decoded and stored on first
+        use (``"pillow"`` caches only)."""
         self.check_decoder("pillow")
         if self.has(slot):
             return self.get(slot).numpy()
-        arr = np.asarray(load_image(self.paths[slot]), dtype=np.uint8)
+        img = load_image(self.paths[slot])
+        if self.resized[slot]:
+            arr = resize_to_tensor(img, *self.input_size).permute(1, 2, 0).numpy()
+        else:
+            arr = np.asarray(img, dtype=np.uint8)
         self.put(slot, arr)
         return arr

@@ -152,12 +152,15 @@ def build_test_loader(records: Sequence[ImageRecord], height: int, width: int, b
 
 
 def build_decoded_cache(records: Sequence[ImageRecord], backend: str = "auto", max_bytes: int | None = None,
-                        dali_device: str | None = None) -> DecodedImageCache:
+                        dali_device: str | None = None,
+                        input_size: tuple[int, int] | None = None) -> DecodedImageCache:
     """A decoded-image cache for ``records`` and the loaders of ``backend`` (``"torch"``:
     Pillow's decoder; ``"dali"``: DALI's on ``dali_device``, the GPU when CUDA is available).
     Share it between the training loader and the extraction loader of the same images.
-    ``max_bytes``: the memory bound (None: half the available memory)."""
+    ``max_bytes``: the memory bound (None: half the available memory). ``input_size``: the
+    (height, width) all the torch loaders of the cache read, so images are stored resized where
+    that is smaller (DALI resizes in its own graph and ignores it)."""
     if resolve_data_backend(backend, dali_device) == "dali":
         from fastmmt.data.dali import dali_decoder
         return DecodedImageCache([r.path for r in records], decoder=dali_decoder(dali_device), max_bytes=max_bytes)
-    return DecodedImageCache([r.path for r in records], decoder="pillow", max_bytes=max_bytes)
+    return DecodedImageCache([r.path for r in records], decoder="pillow", max_bytes=max_bytes, input_size=input_size)

@@ -11,11 +11,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fastmmt.data.augment import AugmentSpec, image_views, loader_spec
-from fastmmt.data.decoded_cache import DecodedImageCache
+from fastmmt.data.decoded_cache import DecodedCacheError, DecodedImageCache
 from fastmmt.data.image_io import load_image
 from fastmmt.data.records import ImageRecord
 from fastmmt.data.sampler import BatchPlanner
-from fastmmt.data.transforms import TestTransform, apply_view, resize_to_tensor
+from fastmmt.data.transforms import TestTransform, apply_view, as_uint8
 
 
 class TrainBatch(NamedTuple):
@@ -32,18 +32,24 @@ def _single_thread_worker(_: int) -> None:
 
 
 class _Images:
-    """Decoded images by index: from the file every time, or once through a decoded-image cache."""
+    """Decoded images by index: from the file every time, or once through a decoded-image cache
+    (whose images stored at the input size come back as resized 3xHxW uint8 tensors)."""
 
-    def __init__(self, paths: list[str], cache: DecodedImageCache | None) -> None:
+    def __init__(self, paths: list[str], cache: DecodedImageCache | None, height: int, width: int) -> None:
         self.paths, self.cache = paths, cache
         if cache is not None:
             cache.check_decoder("pillow")
+            if cache.input_size not in (None, (height, width)):
+                raise DecodedCacheError(f"this loader reads {height}x{width} images but the decoded-image cache "
+                                        f"stores them resized to {cache.input_size[0]}x{cache.input_size[1]}")
             self.slots = cache.slots(paths)
 
-    def __call__(self, index: int) -> Image.Image:
+    def __call__(self, index: int) -> Image.Image | torch.Tensor:
         if self.cache is None:
             return load_image(self.paths[index])
-        return Image.fromarray(self.cache.pillow_image(int(self.slots[index])))
+        slot = int(self.slots[index])
+        arr = self.cache.pillow_image(slot)
+        return torch.from_numpy(arr).permute(2, 0, 1) if self.cache.resized[slot] else Image.fromarray(arr)
 
 
 class _AugmentedImages(Dataset):
@@ -54,14 +60,14 @@ class _AugmentedImages(Dataset):
     def __init__(self, paths: list[str], spec: AugmentSpec, num_views: int,
                  cache: DecodedImageCache | None = None) -> None:
         self.paths, self.spec, self.num_views = paths, spec, num_views
-        self.image = _Images(paths, cache)
+        self.image = _Images(paths, cache, spec.height, spec.width)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], int]:
         index, seed = item
-        base = resize_to_tensor(self.image(index), self.spec.height, self.spec.width)
+        base = as_uint8(self.image(index), self.spec.height, self.spec.width)
         return tuple(apply_view(base, v, self.spec) for v in image_views(self.spec, seed, self.num_views)), index
 
 
@@ -142,7 +148,7 @@ class _TestImages(Dataset):
     def __init__(self, records: list[ImageRecord], transform: TestTransform,
                  cache: DecodedImageCache | None = None) -> None:
         self.records, self.transform = records, transform
-        self.image = _Images([r.path for r in records], cache)
+        self.image = _Images([r.path for r in records], cache, transform.height, transform.width)
 
     def __len__(self) -> int:
         return len(self.records)

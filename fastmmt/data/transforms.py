@@ -21,8 +21,8 @@ from fastmmt.data.augment import (
     normalize_constants,
 )
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TestTransform", "TrainTransform", "apply_view", "normalize",
-           "resize_to_tensor"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TestTransform", "TrainTransform", "apply_view", "as_uint8",
+           "normalize", "resize_to_tensor"]
 
 
 def resize_to_tensor(img: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -60,7 +60,7 @@ def _shift_crop(x: np.ndarray, pad: int, top: int, left: int) -> np.ndarray:
     return out
 
 
-def _as_uint8(img: Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:
+def as_uint8(img: Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:
     """A PIL image resized, or an already resized 3xHxW uint8 tensor checked."""
     if not isinstance(img, torch.Tensor):
         return resize_to_tensor(img, height, width)
@@ -114,7 +114,7 @@ class TrainTransform:
     def __call__(self, img: Image.Image | torch.Tensor,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment a PIL image (or an already resized 3xHxW uint8 tensor)."""
-        x = _as_uint8(img, self.spec.height, self.spec.width)
+        x = as_uint8(img, self.spec.height, self.spec.width)
         return apply_view(x, draw_view(self.spec, generator), self.spec)
 
     def __repr__(self) -> str:
@@ -131,7 +131,7 @@ class TestTransform:
         self.height, self.width = height, width
 
     def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
-        return normalize(_as_uint8(img, self.height, self.width))
+        return normalize(as_uint8(img, self.height, self.width))
 
     def __repr__(self) -> str:
         return f"TestTransform({self.height}x{self.width})"

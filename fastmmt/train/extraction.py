@@ -23,9 +23,7 @@ from fastmmt.evaluation import FeatureExtractor, evaluate_features
 from fastmmt.train.common import NonFiniteLossError, data_device_id
 from fastmmt.train.distributed import DistContext, gather_rows, shard_range
 from fastmmt.train.options import DataOptions, ModelOptions, RunOptions
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
+from fastmmt.train.runtime import amp_dtype
 
 def make_decoded_cache(dataset: ReIDDataset, dopts: DataOptions, splits: Sequence[str] = ("train", "query", "gallery")
                        ) -> DecodedImageCache | None:
@@ -40,7 +38,8 @@ def make_decoded_cache(dataset: ReIDDataset, dopts: DataOptions, splits: Sequenc
             seen.setdefault(r.path, r)
     bound = None if dopts.decode_cache_mb is None else int(dopts.decode_cache_mb * 2**20)
     try:
-        return build_decoded_cache(list(seen.values()), backend=dopts.backend, max_bytes=bound)
+        return build_decoded_cache(list(seen.values()), backend=dopts.backend, max_bytes=bound,
+                                   input_size=(dopts.height, dopts.width))
     except DecodedCacheError as err:
         raise DecodedCacheError(f"{err} [the bound: data.decode_cache_mb; off: data.decode_cache=false]") from None
 
@@ -71,7 +70,7 @@ class RunExtraction:
                                    local_rank=data_device_id(self.ctx), decoded_cache=self.decoded_cache,
                                    persistent=d.persistent_loaders)
         ext = FeatureExtractor(loader, self.device, channels_last=self.mopts.channels_last,
-                               amp_dtype=AMP_DTYPES.get(self.ropts.amp or ""),
+                               amp_dtype=amp_dtype(self.ropts.amp),
                                progress=self.ropts.progress and self.ctx.is_main)
         if d.persistent_loaders:
             self._extractors[split] = ext
