@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from fastmmt.train import distributed as ddp
 from fastmmt.train.checkpoint import atomic_save, read_resume_checkpoint, save_checkpoint
-from fastmmt.train.common import NonFiniteLossError
+from fastmmt.train.common import NonFiniteLossError, refuse_if_not_finite, step_is_finite
 from fastmmt.train.logger import RunLogger
+from fastmmt.train.options import RunOptions
 from fastmmt.train.runtime import Runtime, epoch_seed, seed_everything
 
 log = logging.getLogger("fastmmt.train")
@@ -297,3 +298,27 @@ def _write_epoch(stage: Stage, state: dict, record: dict, out_dir: Path, logger:
 def finite_flag(loss: torch.Tensor, ctx: ddp.DistContext) -> torch.Tensor:
     """Whether ``loss`` is finite on every rank, as a bool tensor on the device (never read here)."""
     return ddp.all_true_tensor(torch.isfinite(loss.detach()), ctx)
+
+
+def apply_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, modules: list[nn.Module],
+                 r: RunOptions, ctx: ddp.DistContext, where: str | Callable[[], str]) -> torch.Tensor | None:
+    """The update every step ends with: check the loss, backward of the global loss, optimiser
+    step, BN buffers from rank 0 (as DataParallel kept GPU 0's).
+
+    Returns the step's finite flag (a bool tensor, never read here), or None when the
+    ``run.sync_each_step`` step read a non-finite loss under ``skip`` (nothing was applied).
+    Without ``run.sync_each_step`` the flag goes to a fused optimiser as its ``found_inf``
+    (``skip``: no weight changes) and the runner reads it at the next log point.
+    """
+    if r.sync_each_step:
+        if not step_is_finite(loss, where, r.on_nonfinite, ctx):
+            return None
+        ok = torch.tensor(True)
+    else:
+        ok = finite_flag(loss, ctx)
+        refuse_if_not_finite(optimizer, ok)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * ctx.world_size).backward()  # DDP averages: the gradient of the global loss
+    optimizer.step()
+    ddp.broadcast_buffers(modules, ctx)
+    return ok

@@ -38,14 +38,12 @@ from fastmmt.train.common import (
     check_label_range,
     compile_backbones,
     data_device_id,
-    refuse_if_not_finite,
-    step_is_finite,
     to_device,
     train_augment,
 )
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.logger import RunLogger
-from fastmmt.train.loop import FINITE, RunState, finite_flag, run_epochs
+from fastmmt.train.loop import FINITE, RunState, apply_update, run_epochs
 from fastmmt.train.model_file import StageResult, load_model_file, model_file
 from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions, check_options
 from fastmmt.train.runtime import Runtime, autocast, setup_run
@@ -135,17 +133,9 @@ def mmt_step(nets: list[nn.Module], students: list[nn.Module], teachers: list[nn
     loss = out.total
     terms = {"loss": loss.detach(), "loss_ce": out.ce.detach(), "loss_tri": out.tri.detach(),
              "loss_soft_ce": out.soft_ce.detach(), "loss_soft_tri": out.soft_tri.detach()}
-    if sync:
-        if not step_is_finite(loss, where, r.on_nonfinite, ctx):
-            return {**terms, FINITE: torch.tensor(False)}
-        ok = torch.tensor(True)
-    else:
-        ok = finite_flag(loss, ctx)
-        refuse_if_not_finite(optimizer, ok)
-    optimizer.zero_grad(set_to_none=True)
-    (loss * ctx.world_size).backward()  # DDP averages: the gradient of the global loss
-    optimizer.step()
-    ddp.broadcast_buffers(students + teachers, ctx)  # BN statistics: rank 0's (DataParallel's)
+    ok = apply_update(loss, optimizer, students + teachers, r, ctx, where)
+    if ok is None:
+        return {**terms, FINITE: torch.tensor(False)}
     if step_count is not None:  # skip without a host read: alpha and the count on the device
         alpha = _device_alpha(step_count, ok, a.ema_alpha)
         backend = ema_update_module_(teachers, students, alpha, backend=r.ema_backend)
@@ -174,18 +164,8 @@ def baseline_step(net: nn.Module, student: nn.Module, optimizer: torch.optim.Opt
         tri = softmax_triplet_loss(f, y, backend=r.loss_backend)
     loss = ce + tri
     terms = {"loss": loss.detach(), "loss_ce": ce.detach(), "loss_tri": tri.detach()}
-    if sync:
-        if not step_is_finite(loss, where, r.on_nonfinite, ctx):
-            return {**terms, FINITE: torch.tensor(False)}
-        ok = torch.tensor(True)
-    else:
-        ok = finite_flag(loss, ctx)
-        refuse_if_not_finite(optimizer, ok)
-    optimizer.zero_grad(set_to_none=True)
-    (loss * ctx.world_size).backward()
-    optimizer.step()
-    ddp.broadcast_buffers([student], ctx)
-    return {**terms, FINITE: ok}
+    ok = apply_update(loss, optimizer, [student], r, ctx, where)
+    return {**terms, FINITE: torch.tensor(False) if ok is None else ok}
 
 
 class _Adapt:

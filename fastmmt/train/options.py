@@ -27,7 +27,7 @@ class DataOptions:
     test_batch_size: int = 128
     backend: str = "auto"             # auto | dali | torch
     augment: bool = True              # false: no flip, crop or erasing (checks, ablations)
-    decode_cache: bool = True         # decode each target image once per run, kept decoded (False: every pass)
+    decode_cache: bool = True         # decode each training/target image once per run, kept decoded (False: every pass)
     decode_cache_mb: float | None = None  # the decoded-image cache's bound (None: half the available memory)
     persistent_loaders: bool = True   # build the extraction loaders once per run (False: on every extraction)
 

@@ -24,13 +24,12 @@ from fastmmt.train.common import (
     data_device_id,
     evaluate,
     make_model,
-    refuse_if_not_finite,
-    step_is_finite,
     to_device,
     train_augment,
 )
+from fastmmt.train.extraction import make_decoded_cache
 from fastmmt.train.logger import RunLogger
-from fastmmt.train.loop import FINITE, RunState, finite_flag, run_epochs
+from fastmmt.train.loop import FINITE, RunState, apply_update, run_epochs
 from fastmmt.train.model_file import StageResult, model_file
 from fastmmt.train.options import ExperimentOptions, PretrainOptions
 from fastmmt.train.runtime import Runtime, autocast, setup_run
@@ -67,18 +66,8 @@ def pretrain_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optim
     if target_batch is not None:
         with torch.no_grad(), autocast(device, r.amp):
             model(to_device(target_batch.views[0], device, m.channels_last))  # BN statistics only
-    if sync:
-        if not step_is_finite(loss, where, r.on_nonfinite, ctx):
-            return {**terms, "loss": loss.detach(), FINITE: torch.tensor(False)}
-        ok = torch.tensor(True)
-    else:
-        ok = finite_flag(loss, ctx)
-        refuse_if_not_finite(optimizer, ok)
-    optimizer.zero_grad(set_to_none=True)
-    (loss * ctx.world_size).backward()  # DDP averages: the gradient of the global loss
-    optimizer.step()
-    ddp.broadcast_buffers([model], ctx)  # BN statistics: rank 0's (DataParallel's)
-    return {**terms, "loss": loss.detach(), FINITE: ok}
+    ok = apply_update(loss, optimizer, [model], r, ctx, where)
+    return {**terms, "loss": loss.detach(), FINITE: torch.tensor(False) if ok is None else ok}
 
 
 def lr_factor(p: PretrainOptions) -> Callable[[int], float]:
@@ -114,16 +103,19 @@ class _Pretrain:
                      augment=train_augment(d))
         labels = np.array([x.pid for x in source.train])
         check_label_range(labels, self.num_classes, f"source dataset {source.name}")
+        # data.decode_cache: the training images of both domains decoded once for the run
         self.src = build_train_loader(source.train, labels, d.height, d.width,
                                       batch_size=d.batch_size, num_instances=d.num_instances, num_views=1,
-                                      workers=d.workers, seed=rt.seed, erase=p.erase, backend=d.backend, **shard)
+                                      workers=d.workers, seed=rt.seed, erase=p.erase, backend=d.backend,
+                                      decoded_cache=make_decoded_cache(source, d, ("train",)), **shard)
         self.tgt = None
         if target is not None and p.target_bn_forward:
             # K = 1 with one "identity" per image: a random permutation of the target images.
             self.tgt = build_train_loader(target.train, np.arange(len(target.train)), d.height, d.width,
                                           batch_size=d.batch_size, num_instances=1, num_views=1,
                                           workers=d.workers, seed=rt.seed + 7, erase=p.erase,
-                                          backend=d.backend, **shard)
+                                          backend=d.backend, decoded_cache=make_decoded_cache(target, d, ("train",)),
+                                          **shard)
         self.images_per_step = d.batch_size * (2 if self.tgt is not None else 1)
         self._tgt_iter = None
 
