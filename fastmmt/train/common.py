@@ -18,6 +18,7 @@ from fastmmt.models import ReIDNet, build_model
 from fastmmt.train.bn_split import convert_bn_split
 from fastmmt.train.distributed import DistContext, all_true, gather_rows, shard_range
 from fastmmt.train.options import DataOptions, ModelOptions, RunOptions
+from fastmmt.train.runtime import amp_dtype
 
 log = logging.getLogger("fastmmt.train")
 
@@ -107,7 +108,7 @@ def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> tor
 def extract(model: nn.Module, records: Sequence[ImageRecord], dopts: DataOptions, ropts: RunOptions,
             device: torch.device, mopts: ModelOptions, desc: str = "extract",
             ctx: DistContext | None = None) -> torch.Tensor:
-    """Normalised after-BN features of ``records`` (model in eval mode), (N, D) float32 on CPU.
+    """Normalised after-BN features of ``records`` (model in eval mode), (N, D) float32 on ``device``.
 
     Distributed: each rank extracts (and its loader decodes) its contiguous shard; the shards are
     all-gathered in order.
@@ -120,9 +121,8 @@ def extract(model: nn.Module, records: Sequence[ImageRecord], dopts: DataOptions
     was_training = model.training
     model.eval()
     try:
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ropts.amp or "")
         feats, _, _ = extract_features(model, loader, device=device, progress=ropts.progress and ctx.is_main,
-                                       channels_last=mopts.channels_last, amp_dtype=amp)
+                                       channels_last=mopts.channels_last, amp_dtype=amp_dtype(ropts.amp))
     finally:
         model.train(was_training)
     feats = gather_rows(feats, len(records), ctx)

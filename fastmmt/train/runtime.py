@@ -33,13 +33,18 @@ FP16_REFUSED = ("amp='fp16' is not supported: fp16 training needs gradient scali
                 "trainers do not do (small gradients would underflow to zero); use amp='bf16'")
 
 
-def autocast(device: torch.device, amp: str | None):
-    """Autocast context for ``amp`` (None | bf16); fp16 is refused (see FP16_REFUSED)."""
+def amp_dtype(amp: str | None) -> torch.dtype | None:
+    """The autocast dtype of ``run.amp`` (None: full precision); fp16 is refused (see FP16_REFUSED)."""
     if amp == "fp16":
         raise ValueError(FP16_REFUSED)
     if amp not in _AMP:
         raise ValueError(f"amp must be one of None, 'bf16'; got {amp!r}")
-    dtype = _AMP[amp]
+    return _AMP[amp]
+
+
+def autocast(device: torch.device, amp: str | None):
+    """Autocast context for ``amp`` (None | bf16); fp16 is refused (see FP16_REFUSED)."""
+    dtype = amp_dtype(amp)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
