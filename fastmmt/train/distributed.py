@@ -151,7 +151,8 @@ def shard_range(n: int, ctx: DistContext) -> range:
 
 def gather_rows(local: torch.Tensor, n: int, ctx: DistContext) -> torch.Tensor:
     """Rows of every rank's :func:`shard_range` shard, concatenated back into the full (n, ...)
-    tensor in dataset order, on the CPU, on every rank."""
+    tensor in dataset order, on every rank, on the rank's device (features stay where the
+    model is)."""
     if not ctx.enabled:
         return local
     chunk = -(-n // ctx.world_size)
@@ -159,7 +160,7 @@ def gather_rows(local: torch.Tensor, n: int, ctx: DistContext) -> torch.Tensor:
     pad[:len(local)] = local.to(ctx.device)
     parts = [torch.empty_like(pad) for _ in range(ctx.world_size)]
     dist.all_gather(parts, pad)
-    return torch.cat(parts)[:n].cpu()
+    return torch.cat(parts)[:n]
 
 
 def gather_batch(ctx: DistContext, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
