@@ -9,4 +9,5 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+if not os.environ.get("OMP_NUM_THREADS"):  # a thread count given for the run is kept
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
