@@ -14,11 +14,13 @@ loaders built) by phase: extract, cluster, train, evaluate. Variants:
 - ``on``: every switch on (``ON``); ``torch.compile`` (``run.compile``) only with
   ``FASTMMT_BENCH_COMPILE=1``: compiling takes minutes on a CPU and was measured not to help
   there (the issue), so it is opt-in;
-- ``floor``: the same forward and backward passes on tensors already in memory (extraction
+- ``floor``: the same forward and backward passes, in the ``on`` run's memory format, on tensors
+  already in memory (extraction
   forwards of both teachers over the target training set, per iteration both students forward
   and backward and both teachers forward, evaluation forwards of both teachers over query and
   gallery), no data loading, clustering, mining, loss, optimiser or EMA.
-``run.bn_split`` is 16 in every variant (the reference's 16 images per GPU for BN statistics)
+``model.channels_last`` is on in ``on`` (the demo's setting; ``FASTMMT_BENCH_CHANNELS_LAST=0``
+keeps the contiguous layout). ``run.bn_split`` is 16 in every variant (the reference's 16 images per GPU for BN statistics)
 so the split-BN switch has work to do; ``FASTMMT_BENCH_BN_SPLIT=0`` turns it off, and
 ``FASTMMT_BENCH_FUSED_BN=0`` keeps the per-chunk loop (the CPU default) in the ``on`` run.
 
@@ -53,13 +55,16 @@ COMPILE = os.environ.get("FASTMMT_BENCH_COMPILE", "0") == "1"
 BN_SPLIT = int(os.environ.get("FASTMMT_BENCH_BN_SPLIT", "16"))
 FUSED_BN = os.environ.get("FASTMMT_BENCH_FUSED_BN", "1") == "1"
 R50_ITERS = int(os.environ.get("FASTMMT_BENCH_R50_ITERS", "4"))
+CHANNELS_LAST = os.environ.get("FASTMMT_BENCH_CHANNELS_LAST", "1") == "1"
 EPOCHS = 2  # the second epoch is reported
 
 # (section, option) -> value: today's behaviour, and every switch of issue 14 on
 OFF = {("data", "decode_cache"): False, ("data", "persistent_loaders"): False,
-       ("run", "sync_each_step"): True, ("run", "fused_bn_split"): False, ("run", "compile"): False}
+       ("run", "sync_each_step"): True, ("run", "fused_bn_split"): False, ("run", "compile"): False,
+       ("model", "channels_last"): False}
 ON = {("data", "decode_cache"): True, ("data", "persistent_loaders"): True,
-      ("run", "sync_each_step"): False, ("run", "fused_bn_split"): FUSED_BN, ("run", "compile"): COMPILE}
+      ("run", "sync_each_step"): False, ("run", "fused_bn_split"): FUSED_BN, ("run", "compile"): COMPILE,
+      ("model", "channels_last"): CHANNELS_LAST}
 
 # shape -> (arch, base_width, height, width, iterations, k, target ids, target test ids, images per id)
 SHAPES = {
@@ -144,7 +149,8 @@ def run_floor(shape: str, target) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     bs, tbs = o.data.batch_size, o.data.test_batch_size
 
-    xe = torch.randn(tbs, 3, h, w, generator=g)  # made before any timing
+    fmt = torch.channels_last if o.model.channels_last else torch.contiguous_format
+    xe = torch.randn(tbs, 3, h, w, generator=g).contiguous(memory_format=fmt)  # made before any timing
 
     def forwards(n: int) -> None:  # both teachers, eval mode, batches of test_batch_size
         x = xe
@@ -160,7 +166,7 @@ def run_floor(shape: str, target) -> dict[str, float]:
     forwards(len(dataset.train))
     times["extract"] = time.perf_counter() - t0
     times["cluster"] = 0.0
-    x1, x2 = torch.randn(bs, 3, h, w, generator=g), torch.randn(bs, 3, h, w, generator=g)
+    x1, x2 = (torch.randn(bs, 3, h, w, generator=g).contiguous(memory_format=fmt) for _ in range(2))
     t0 = time.perf_counter()
     for _ in range(iters):
         loss = 0.0
@@ -209,5 +215,6 @@ def test_report():
         return  # a smoke run: nothing to keep
     out = Path(__file__).parent / "results" / "epoch.json"
     out.write_text(json.dumps({"size": SIZE, "compile": COMPILE, "bn_split": BN_SPLIT, "fused_bn": FUSED_BN,
+                               "channels_last": CHANNELS_LAST,
                                "results": RESULTS,
                                "threads": torch.get_num_threads()}, indent=2))
