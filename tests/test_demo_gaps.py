@@ -1,4 +1,4 @@
-"""The demo must show MMT working (slow: three full demo runs, about 8.5 minutes each on 2 cores).
+"""The demo must show MMT working (slow: three full demo runs, about 8 minutes each at one thread).
 
 Over seeds 0, 1, 2: MMT (k-means) target mAP at least 10 points above source-only, and
 source-only at least 15 points below the target-supervised oracle (issue: the synthetic demo).
