@@ -23,7 +23,6 @@ import torch
 import yaml
 from PIL import Image
 
-import fastmmt.train.common as common_mod
 import fastmmt.train.mmt as mmt_mod
 from fastmmt.cli import main as cli_main
 from fastmmt.data import generate_domains, load_dataset
@@ -174,8 +173,7 @@ def test_unknown_cluster_backend_fails_when_the_config_loads(env, capsys, monkey
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("extraction ran before the option was checked")
-    monkeypatch.setattr(common_mod, "extract_features", no_extraction)
-    monkeypatch.setattr("fastmmt.evaluation.extract.extract_features", no_extraction)  # MMT's FeatureExtractor
+    monkeypatch.setattr("fastmmt.evaluation.extract.extract_features", no_extraction)  # every extraction path
     bad = "torch" if "torch" not in KMEANS_BACKENDS else "no-such-backend"
     err = _fails(env, capsys, _adapt(env, f"adapt.cluster_backend={bad}"), "adapt.cluster_backend", code=2)
     assert str(list(KMEANS_BACKENDS)) in err

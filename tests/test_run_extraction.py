@@ -10,8 +10,9 @@ from PIL import Image
 import fastmmt.data.decoded_cache as cache_mod
 from fastmmt.data import ImageRecord, ReIDDataset
 from fastmmt.data.decoded_cache import DecodedCacheError
-from fastmmt.evaluation import evaluate_features
-from fastmmt.train.common import extract, make_model
+from fastmmt.data.factory import build_test_loader
+from fastmmt.evaluation import evaluate_features, extract_features
+from fastmmt.train.common import make_model
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.options import ExperimentOptions
 
@@ -33,6 +34,13 @@ def dataset(tmp_path_factory) -> ReIDDataset:
 
     return ReIDDataset("tiny", str(root), train=split("train", range(8), 4), query=split("query", range(5), 1),
                        gallery=split("gallery", range(5), 4))
+
+
+def extract(model, records, o: ExperimentOptions) -> torch.Tensor:
+    """The old way: a loader built for this call, every image decoded."""
+    d = o.data
+    loader = build_test_loader(records, d.height, d.width, batch_size=d.test_batch_size, workers=0, backend="torch")
+    return extract_features(model, loader, torch.device("cpu"), progress=False)[0]
 
 
 def options(**data) -> ExperimentOptions:
@@ -60,7 +68,7 @@ def test_features_and_metrics_equal_the_per_call_loader(dataset, decode_cache, p
 
     for epoch in range(2):
         for m in models:
-            want = extract(m, dataset.train, o.data, o.run, dev, o.model)  # the old way: decodes
+            want = extract(m, dataset.train, o)  # the old way: decodes
             if decode_cache and epoch == 1:  # the cache is full: our extraction decodes nothing
                 assert cache.num_filled == len(dataset.train)
                 monkeypatch.setattr(cache_mod, "load_image", no_decode)
@@ -69,8 +77,7 @@ def test_features_and_metrics_equal_the_per_call_loader(dataset, decode_cache, p
             monkeypatch.undo()
             assert torch.equal(got, want)
     met = run.evaluate(models[0])
-    qf = extract(models[0], dataset.query, o.data, o.run, dev, o.model)
-    gf = extract(models[0], dataset.gallery, o.data, o.run, dev, o.model)
+    qf, gf = extract(models[0], dataset.query, o), extract(models[0], dataset.gallery, o)
     r = evaluate_features(qf, gf, [x.pid for x in dataset.query], [x.pid for x in dataset.gallery],
                           [x.camid for x in dataset.query], [x.camid for x in dataset.gallery])
     assert met["mAP"] == r.mAP and met["rank1"] == r.cmc[0]

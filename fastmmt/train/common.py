@@ -1,24 +1,19 @@
-"""Pieces every stage shares: building models and optimisers, extraction, evaluation, guards."""
+"""Pieces every stage shares: building models and optimisers, guards."""
 from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from fastmmt.data import ImageRecord, ReIDDataset
 from fastmmt.data.augment import AugmentSpec
-from fastmmt.data.factory import build_test_loader
-from fastmmt.evaluation import evaluate_features, extract_features
 from fastmmt.models import ReIDNet, build_model
 from fastmmt.train.bn_split import convert_bn_split
-from fastmmt.train.distributed import DistContext, all_true, gather_rows, shard_range
+from fastmmt.train.distributed import DistContext, all_true
 from fastmmt.train.options import DataOptions, ModelOptions, RunOptions
-from fastmmt.train.runtime import amp_dtype
 
 log = logging.getLogger("fastmmt.train")
 
@@ -103,47 +98,6 @@ def train_augment(dopts: DataOptions) -> AugmentSpec | None:
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def extract(model: nn.Module, records: Sequence[ImageRecord], dopts: DataOptions, ropts: RunOptions,
-            device: torch.device, mopts: ModelOptions, desc: str = "extract",
-            ctx: DistContext | None = None) -> torch.Tensor:
-    """Normalised after-BN features of ``records`` (model in eval mode), (N, D) float32 on ``device``.
-
-    Distributed: each rank extracts (and its loader decodes) its contiguous shard; the shards are
-    all-gathered in order.
-    """
-    ctx = ctx or DistContext(device=device)
-    share = shard_range(len(records), ctx)
-    mine = list(records)[share.start:share.stop]
-    loader = build_test_loader(mine, dopts.height, dopts.width, batch_size=dopts.test_batch_size,
-                               workers=dopts.workers, backend=dopts.backend, local_rank=data_device_id(ctx))
-    was_training = model.training
-    model.eval()
-    try:
-        feats, _, _ = extract_features(model, loader, device=device, progress=ropts.progress and ctx.is_main,
-                                       channels_last=mopts.channels_last, amp_dtype=amp_dtype(ropts.amp))
-    finally:
-        model.train(was_training)
-    feats = gather_rows(feats, len(records), ctx)
-    if not torch.isfinite(feats).all():
-        bad = (~torch.isfinite(feats)).any(1).sum().item()
-        raise NonFiniteLossError(f"{desc}: {bad} of {len(feats)} feature rows are NaN/inf")
-    return feats
-
-
-def evaluate(model: nn.Module, dataset: ReIDDataset, dopts: DataOptions, ropts: RunOptions,
-             device: torch.device, mopts: ModelOptions, ctx: DistContext | None = None) -> dict[str, float]:
-    """Target test metrics (mAP, rank-1/5/10) of ``model`` plus the evaluation wall time."""
-    t0 = time.perf_counter()
-    qf = extract(model, dataset.query, dopts, ropts, device, mopts, "query", ctx)
-    gf = extract(model, dataset.gallery, dopts, ropts, device, mopts, "gallery", ctx)
-    r = evaluate_features(
-        qf, gf,
-        np.array([x.pid for x in dataset.query]), np.array([x.pid for x in dataset.gallery]),
-        np.array([x.camid for x in dataset.query]), np.array([x.camid for x in dataset.gallery]))
-    return {"mAP": float(r.mAP), "rank1": float(r.cmc[0]), "rank5": float(r.cmc[4]),
-            "rank10": float(r.cmc[9]), "eval_seconds": time.perf_counter() - t0}
 
 
 def step_is_finite(value: torch.Tensor, what: str | Callable[[], str], policy: str = "stop",

@@ -9,25 +9,30 @@ import torch
 
 from fastmmt.data import ReIDDataset
 from fastmmt.evaluation import rank_metrics
-from fastmmt.train.common import evaluate, extract
-from fastmmt.train.options import ExperimentOptions
+from fastmmt.train.extraction import RunExtraction
 from fastmmt.train.model_file import load_model_file
+from fastmmt.train.options import ExperimentOptions
 from fastmmt.train.runtime import resolve_device
+
+
+def _load_for_test(path: str | Path, dataset: ReIDDataset, opts: ExperimentOptions
+                   ) -> tuple[RunExtraction, torch.nn.Module]:
+    """The dataset's test-set extraction and the model of ``path``, on ``run.device``."""
+    device = resolve_device(opts.run.device)
+    return RunExtraction(dataset, opts.data, opts.run, opts.model, device), load_model_file(path, opts, device)
 
 
 def evaluate_model_file(path: str | Path, dataset: ReIDDataset, opts: ExperimentOptions,
                         rerank: bool = False) -> dict[str, float]:
     """mAP and rank-1/5/10 of the model in ``path`` on ``dataset``'s query/gallery."""
-    device = resolve_device(opts.run.device)
-    model = load_model_file(path, opts, device)
+    run, model = _load_for_test(path, dataset, opts)
     if not rerank:
-        metrics = evaluate(model, dataset, opts.data, opts.run, device, opts.model)
+        metrics = run.evaluate(model)
         metrics.pop("eval_seconds")
         return metrics
     from fastmmt.evaluation.reranking import re_ranking_features
 
-    qf = extract(model, dataset.query, opts.data, opts.run, device, opts.model, "query")
-    gf = extract(model, dataset.gallery, opts.data, opts.run, device, opts.model, "gallery")
+    qf, gf = run.features(model, "query"), run.features(model, "gallery")
     dist = torch.as_tensor(np.asarray(re_ranking_features(qf, gf, k1=20, k2=6, lambda_value=0.3)))
     r = rank_metrics(dist, np.array([x.pid for x in dataset.query]), np.array([x.pid for x in dataset.gallery]),
                      np.array([x.camid for x in dataset.query]), np.array([x.camid for x in dataset.gallery]))
@@ -46,10 +51,8 @@ def visualize_model_file(path: str | Path, dataset: ReIDDataset, opts: Experimen
 
     if num_queries < 1:
         raise ValueError(f"num_queries must be >= 1, got {num_queries}")
-    device = resolve_device(opts.run.device)
-    model = load_model_file(path, opts, device)
-    qf = extract(model, dataset.query, opts.data, opts.run, device, opts.model, "query")
-    gf = extract(model, dataset.gallery, opts.data, opts.run, device, opts.model, "gallery")
+    run, model = _load_for_test(path, dataset, opts)
+    qf, gf = run.features(model, "query"), run.features(model, "gallery")
     nq = len(dataset.query)
     queries = np.sort(np.random.default_rng(seed).choice(nq, size=min(num_queries, nq), replace=False)).tolist()
     reranked = re_ranking_features(qf, gf, k1=20, k2=6, lambda_value=0.3) if rerank else None

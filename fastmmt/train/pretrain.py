@@ -22,12 +22,11 @@ from fastmmt.train.common import (
     check_label_range,
     compile_backbones,
     data_device_id,
-    evaluate,
     make_model,
     to_device,
     train_augment,
 )
-from fastmmt.train.extraction import make_decoded_cache
+from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, apply_update, run_epochs
 from fastmmt.train.model_file import StageResult, model_file
@@ -117,6 +116,9 @@ class _Pretrain:
                                           backend=d.backend, decoded_cache=make_decoded_cache(target, d, ("train",)),
                                           **shard)
         self.images_per_step = d.batch_size * (2 if self.tgt is not None else 1)
+        # test-set extraction set up once per run (loaders kept with data.persistent_loaders)
+        self.source_test = RunExtraction(source, d, r, m, rt.device, rt.ctx)
+        self.target_test = RunExtraction(target, d, r, m, rt.device, rt.ctx) if target is not None else None
         self._tgt_iter = None
 
     def start(self) -> None:
@@ -168,7 +170,7 @@ class _Pretrain:
         """Source test mAP of this epoch; keep the weights when it beats every earlier one (strictly,
         as the official code: on a tie the earlier epoch stays)."""
         o = self.opts
-        met = evaluate(self.model, self.source, o.data, o.run, self.rt.device, o.model, self.rt.ctx)
+        met = self.source_test.evaluate(self.model)
         record.update({f"source_{k}": v for k, v in met.items()})
         if met["mAP"] > self.best.get("mAP", -1.0):
             self.best = {"epoch": epoch, **{k: met[k] for k in ("mAP", "rank1", "rank5", "rank10")}}
@@ -189,8 +191,7 @@ class _Pretrain:
         return {"model": self.model}
 
     def evaluate(self, net: nn.Module) -> dict[str, float]:
-        o = self.opts
-        return evaluate(net, self.target, o.data, o.run, self.rt.device, o.model, self.rt.ctx)
+        return self.target_test.evaluate(net)
 
     def model_file(self, name: str, **extra) -> dict:
         return model_file(self.model, self.num_classes, seed=self.rt.seed, **extra)
