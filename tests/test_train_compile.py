@@ -27,11 +27,20 @@ def test_compiled_backbone_matches_eager(gen):
         ((p * w).sum() + f.square().mean()).backward()
         outs.append((f.detach(), p.detach(), {n: q.grad.clone() for n, q in net.named_parameters() if q.requires_grad}))
     (fe, pe, ge), (fc, pc, gc) = outs
-    torch.testing.assert_close(fc, fe, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(pc, pe, rtol=1e-4, atol=1e-5)
+    # Compiled and eager code sum in different orders. An element's float32 error scales with the
+    # terms summed into it, not with the element (an entry near 0 is a cancellation of large
+    # terms: a fixed rtol failed the classifier gradient on some seeds), so each tensor is
+    # compared against a fraction of its largest entry: 1e-4 for the outputs, 1e-3 for the
+    # gradients (the backward chains ~20 layers more); the worst seen was 5e-6 and 2e-5.
+    def close(got: torch.Tensor, want: torch.Tensor, frac: float, what: str) -> None:
+        err, scale = float((got - want).abs().max()), float(want.abs().max())
+        assert err <= frac * scale, f"{what}: off by {err:.3g}, over {frac:g} of its largest entry {scale:.3g}"
+
+    close(fc, fe, 1e-4, "features")
+    close(pc, pe, 1e-4, "logits")
     assert len(ge) > 20
     for n in ge:
-        torch.testing.assert_close(gc[n], ge[n], rtol=1e-3, atol=1e-5, msg=n)
+        close(gc[n], ge[n], 1e-3, n)
     # BN running statistics are updated by the compiled forward as by the eager one
     torch.testing.assert_close(compiled.state_dict()["backbone.bn1.running_mean"],
                                eager.state_dict()["backbone.bn1.running_mean"], rtol=1e-5, atol=1e-6)
