@@ -9,7 +9,9 @@ Shapes (synthetic target domain written here, stored at 128x64 like Market-1501'
 
 Each variant runs ``fastmmt.train.mmt.adapt`` for two epochs with evaluation after each (both
 teachers, as the trainer does) and reports the SECOND epoch (the steady state: caches filled,
-loaders built) by phase: extract, cluster, train, evaluate. Variants:
+loaders built) by phase: extract, cluster, train, evaluate. The three variants run in turn,
+``FASTMMT_BENCH_ROUNDS`` times (2), and each keeps its fastest round: this VM's speed drifts by
+10-20% over minutes, more than some of the differences measured. Variants:
 - ``off``: today's behaviour, every switch off (``OFF``);
 - ``on``: every switch on (``ON``); ``torch.compile`` (``run.compile``) only with
   ``FASTMMT_BENCH_COMPILE=1``: compiling takes minutes on a CPU and was measured not to help
@@ -20,7 +22,8 @@ loaders built) by phase: extract, cluster, train, evaluate. Variants:
   and backward and both teachers forward, evaluation forwards of both teachers over query and
   gallery), no data loading, clustering, mining, loss, optimiser or EMA.
 ``model.channels_last`` is on in the demo shape's ``on`` run (the demo's setting;
-``FASTMMT_BENCH_CHANNELS_LAST=0`` keeps the contiguous layout) and off at the ResNet-50 shape. ``run.bn_split`` is 16 in every variant (the reference's 16 images per GPU for BN statistics)
+``FASTMMT_BENCH_CHANNELS_LAST=0`` keeps the contiguous layout) and off at the ResNet-50 shape
+(within noise there, as the issue measured). ``run.bn_split`` is 16 in every variant (the reference's 16 images per GPU for BN statistics)
 so the split-BN switch has work to do; ``FASTMMT_BENCH_BN_SPLIT=0`` turns it off, and
 ``FASTMMT_BENCH_FUSED_BN=0`` keeps the per-chunk loop (the CPU default) in the ``on`` run.
 
@@ -55,9 +58,10 @@ COMPILE = os.environ.get("FASTMMT_BENCH_COMPILE", "0") == "1"
 BN_SPLIT = int(os.environ.get("FASTMMT_BENCH_BN_SPLIT", "16"))
 FUSED_BN = os.environ.get("FASTMMT_BENCH_FUSED_BN", "1") == "1"
 R50_ITERS = int(os.environ.get("FASTMMT_BENCH_R50_ITERS", "4"))
+ROUNDS = int(os.environ.get("FASTMMT_BENCH_ROUNDS", "2"))  # interleaved rounds; the fastest per variant is kept
 CHANNELS_LAST = os.environ.get("FASTMMT_BENCH_CHANNELS_LAST", "1") == "1"
-# shapes whose ``on`` run is channels-last: the demo's (its setting); not ResNet-50 at 128x64, which
-# was slower channels-last here (bench/RESULTS.md)
+# shapes whose ``on`` run is channels-last: the demo's (its setting); not ResNet-50 at 128x64, where
+# channels-last was within noise of contiguous (the issue's own measurement)
 CHANNELS_LAST_SHAPES = ("demo",) if CHANNELS_LAST else ()
 EPOCHS = 2  # the second epoch is reported
 
@@ -121,18 +125,18 @@ def target(tmp_path_factory):
     return out
 
 
-def run_variant(shape: str, variant: str, target, monkeypatch) -> dict[str, float]:
+def run_variant(shape: str, variant: str, target, monkeypatch, run_dir: str) -> dict[str, float]:
     """The phases of the last epoch from the run's log, and its wall time from the trainer's
     epoch boundaries (start: the epoch's seeding; end: its checkpoint and record written)."""
     dataset, inits, root = target[shape]
-    o = options(shape, OFF if variant == "off" else ON, root / variant)
+    o = options(shape, OFF if variant == "off" else ON, root / run_dir)
     starts, ends = [], []
     seed, write = loop.seed_everything, loop._write_epoch
     monkeypatch.setattr(loop, "seed_everything", lambda *a: (starts.append(time.perf_counter()), seed(*a))[1])
     monkeypatch.setattr(loop, "_write_epoch", lambda *a: (write(*a), ends.append(time.perf_counter()))[0])
-    adapt(dataset, inits, o, root / variant)
+    adapt(dataset, inits, o, root / run_dir)
     monkeypatch.undo()
-    records = [json.loads(line) for line in (root / variant / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (root / run_dir / "log.jsonl").read_text().splitlines()]
     last = [r for r in records if r.get("epoch") == EPOCHS - 1 and not r.get("final")][-1]
     out = {p: float(last[f"{p}_seconds"]) for p in PHASES}
     out["wall"] = ends[-1] - starts[-1]
@@ -193,15 +197,27 @@ def run_floor(shape: str, target) -> dict[str, float]:
     return times
 
 
-@pytest.mark.parametrize("variant", ["off", "on", "floor"])
+VARIANTS = ("off", "on", "floor")
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_epoch(benchmark, target, shape, variant, monkeypatch):
-    fn = (lambda: run_floor(shape, target)) if variant == "floor" else \
-        (lambda: run_variant(shape, variant, target, monkeypatch))
-    phases = benchmark.pedantic(fn, rounds=1, iterations=1)
-    RESULTS.setdefault(shape, {})[variant] = phases
-    benchmark.extra_info.update({f"{p}_seconds": v for p, v in phases.items()})
-    assert all(v >= 0 for v in phases.values())
+def test_epoch(benchmark, target, shape, monkeypatch):
+    """``ROUNDS`` rounds of off, on, floor in turn (interleaved, so a slow spell of the machine
+    hits every variant alike); per variant the round with the shortest epoch is kept."""
+    def rounds() -> dict[str, dict[str, float]]:
+        best: dict[str, dict[str, float]] = {}
+        for r in range(ROUNDS):
+            for variant in VARIANTS:
+                got = run_floor(shape, target) if variant == "floor" else \
+                    run_variant(shape, variant, target, monkeypatch, f"{variant}{r}")
+                if variant not in best or got["wall"] < best[variant]["wall"]:
+                    best[variant] = got
+        return best
+
+    best = benchmark.pedantic(rounds, rounds=1, iterations=1)
+    RESULTS[shape] = best
+    benchmark.extra_info.update({f"{v}_{p}_seconds": t for v, phases in best.items() for p, t in phases.items()})
+    assert all(t >= 0 for phases in best.values() for t in phases.values())
 
 
 def test_report():
@@ -219,7 +235,8 @@ def test_report():
     if SIZE == "tiny":
         return  # a smoke run: nothing to keep
     out = Path(__file__).parent / "results" / "epoch.json"
-    out.write_text(json.dumps({"size": SIZE, "compile": COMPILE, "bn_split": BN_SPLIT, "fused_bn": FUSED_BN,
+    out.write_text(json.dumps({"size": SIZE, "rounds": ROUNDS, "compile": COMPILE, "bn_split": BN_SPLIT,
+                               "fused_bn": FUSED_BN,
                                "channels_last": CHANNELS_LAST,
                                "results": RESULTS,
                                "threads": torch.get_num_threads()}, indent=2))
