@@ -17,14 +17,14 @@ loaders built) by phase: extract, cluster, train, evaluate. The three variants r
   ``FASTMMT_BENCH_COMPILE=1``: compiling takes minutes on a CPU and was measured not to help
   there (the issue), so it is opt-in;
 - ``floor``: the same forward and backward passes, in the ``on`` run's memory format, on tensors
-  already in memory (extraction
-  forwards of both teachers over the target training set, per iteration both students forward
-  and backward and both teachers forward, evaluation forwards of both teachers over query and
-  gallery), no data loading, clustering, mining, loss, optimiser or EMA.
+  already in memory (extraction forwards of both teachers over the target training set, per
+  iteration both students forward and backward and both teachers forward, evaluation forwards
+  of both teachers over query and gallery), no data loading, clustering, mining, loss,
+  optimiser or EMA.
 ``model.channels_last`` is on in the demo shape's ``on`` run (the demo's setting;
 ``FASTMMT_BENCH_CHANNELS_LAST=0`` keeps the contiguous layout) and off at the ResNet-50 shape
-(within noise there, as the issue measured). ``run.bn_split`` is 16 in every variant (the reference's 16 images per GPU for BN statistics)
-so the split-BN switch has work to do; ``FASTMMT_BENCH_BN_SPLIT=0`` turns it off, and
+(within noise there, as the issue measured). ``run.bn_split`` is 16 in every variant (the
+reference's 16 images per GPU for BN statistics) so the split-BN switch has work to do; ``FASTMMT_BENCH_BN_SPLIT=0`` turns it off, and
 ``FASTMMT_BENCH_FUSED_BN=0`` keeps the per-chunk loop (the CPU default) in the ``on`` run.
 
 The last test prints the table (per phase, plus "other" = the epoch's wall time outside the

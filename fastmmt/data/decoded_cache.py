@@ -113,8 +113,9 @@ class DecodedImageCache:
                 "half the memory available now"
             raise DecodedCacheError(
                 f"the decoded-image cache does not fit: {len(self.paths)} images need {_mib(self.nbytes)} "
-                f"decoded (uint8 RGB at their stored size, or the input size where smaller), over {what}, {_mib(bound)}; raise the bound "
-                f"or turn the decoded-image cache off (images are then decoded on every pass)")
+                f"decoded (uint8 RGB at their stored size, or the input size where smaller), over {what}, "
+                f"{_mib(bound)}; raise the bound or turn the decoded-image cache off (images are then decoded "
+                f"on every pass)")
         self._slot_of = {p: i for i, p in enumerate(self.paths)}
         buf = torch.empty(max(self.nbytes, 1), dtype=torch.uint8, device=self.device)
         flags = torch.zeros(len(self.paths), dtype=torch.uint8)  # host: checked per image by Python
