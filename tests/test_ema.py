@@ -328,3 +328,16 @@ def test_tensor_alpha_on_the_device(backend):
         ema_update_(teacher, student, torch.tensor(0.5), backend="ext")
     with pytest.raises(ValueError, match="0-dim float tensor"):
         ema_update_(teacher, student, torch.tensor([0.5]), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "foreach", "loop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensor_alpha_is_never_read_on_the_host(backend, dtype):
+    """A 0-dim tensor alpha must reach only Tensor overloads: on meta tensors a Scalar overload
+    (``torch._foreach_lerp_(ts, ss, weight)`` with a 0-dim weight) calls ``.item()`` and raises,
+    which on CUDA is a device sync per step that patching ``Tensor.item`` cannot see."""
+    teacher = [torch.empty(s, device="meta", dtype=dtype) for s in [(3,), (64, 3, 7, 7)]]
+    student = [torch.empty_like(t) for t in teacher]
+    alpha = torch.tensor(0.73, device="meta")
+    assert ema_update_(teacher, student, alpha, backend=backend) == ("foreach" if backend == "auto" else backend)
+    assert all(t.shape == s.shape and t.dtype == dtype for t, s in zip(teacher, student))

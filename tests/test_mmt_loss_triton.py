@@ -108,7 +108,7 @@ def _variant(kernel: str, constexprs: dict) -> tuple:
     return kernel.lstrip("_"), tuple(sorted((k, v) for k, v in constexprs.items() if not k.startswith("BLOCK_")))
 
 
-def _launched_variants(monkeypatch, gen) -> set[tuple]:
+def _launched_variants(monkeypatch, gen, device: torch.device) -> set[tuple]:
     """Every kernel variant the public ops launch, recorded at the launch: each op forward and
     backward (CE, soft entropy, both at once, hard/soft triplet, self and cross distances, and the
     compat modules' margin triplets)."""
@@ -131,8 +131,8 @@ def _launched_variants(monkeypatch, gen) -> set[tuple]:
     for mod in (distance, logits, triplet):
         for name in [n for n in vars(mod) if n.endswith(("_fwd", "_bwd"))]:
             monkeypatch.setattr(mod, name, Recorder(name, getattr(mod, name)))
-    x, y, s, t = (torch.randn(8, 6, generator=gen, requires_grad=True) for _ in range(4))
-    lab = torch.arange(8) % 3
+    x, y, s, t = (torch.randn(8, 6, generator=gen).to(device).requires_grad_() for _ in range(4))
+    lab = torch.arange(8, device=device) % 3
     for loss in (ops.cross_entropy_label_smooth(s, lab, backend="triton"),
                  ops.soft_entropy(s, t, backend="triton"),
                  sum(ops.logits_pair_losses(s, t, lab, backend="triton")),
@@ -146,14 +146,14 @@ def _launched_variants(monkeypatch, gen) -> set[tuple]:
     return seen
 
 
-def test_aot_compiles_exactly_the_variants_the_launchers_launch(monkeypatch, gen):
+def test_aot_compiles_exactly_the_variants_the_launchers_launch(monkeypatch, gen, device):
     """kernels/aot.py's spec list is the set of variants the ops really launch: none is left
     uncompiled (a new kernel or flag without an AOT spec fails here) and none is dead."""
     from fastmmt.kernels import aot
 
     specs = [_variant(getattr(fn, "fn", fn).__name__, consts) for _, fn, _, consts in aot._specs("float32")]
     assert len(set(specs)) == len(specs)
-    assert set(specs) == _launched_variants(monkeypatch, gen)
+    assert set(specs) == _launched_variants(monkeypatch, gen, device)
 
 
 @pytest.mark.slow
@@ -165,3 +165,19 @@ def test_every_kernel_compiles_for_sm90_in_every_dtype():
     # every spec in every dtype (which specs: exactly the launched variants, checked above)
     assert sorted(sizes) == sorted(f"{name}[{dt}]" for dt in dtypes for name, *_ in aot._specs(dt))
     assert all(size > 0 for size in sizes.values())
+
+
+def test_cpu_tensors_without_the_interpreter_get_a_clear_error(monkeypatch, gen):
+    """On a CUDA machine (no interpreter) a CPU tensor given to the triton backend is named, with
+    what to do, instead of a pointer error from inside the launcher."""
+    from fastmmt import ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(8, 6, generator=gen)
+    for call in (lambda: ops.pairwise_euclidean(x, backend="triton"),
+                 lambda: ops.softmax_triplet_loss(x, torch.arange(8) % 3, backend="triton"),
+                 lambda: ops.cross_entropy_label_smooth(x, torch.arange(8) % 6, backend="triton")):
+        with pytest.raises(ValueError, match=r"is on cpu: the triton backend runs compiled kernels on CUDA "
+                                             r"tensors, or CPU tensors under the Triton interpreter"):
+            call()
+    assert ops.pairwise_euclidean(x, backend="auto").shape == (8, 8)  # auto takes the torch path

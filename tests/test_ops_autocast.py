@@ -31,31 +31,33 @@ def _pooled_like(n_ids: int, per_id: int, d: int, k: int, gen: torch.Generator) 
     return {**feats, **logits, "labels": labels}
 
 
-def _run(inputs: dict[str, torch.Tensor], backend: str, dtype: torch.dtype, autocast: bool):
-    args = {k: (v.detach().to(dtype, copy=True).requires_grad_() if v.is_floating_point() else v)
+def _run(inputs: dict[str, torch.Tensor], backend: str, dtype: torch.dtype, autocast: bool,
+         device: torch.device = torch.device("cpu")):
+    args = {k: (v.detach().to(device, dtype, copy=True).requires_grad_() if v.is_floating_point() else v.to(device))
             for k, v in inputs.items()}
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         out = mmt_loss(**{k: args[k] for k in args}, backend=backend)
     out.total.backward()
     return out, {k: args[k].grad for k in ("f1", "f2", "p1", "p2")}
 
 
 @pytest.mark.parametrize("backend,d", [("torch", 2048), ("triton", 129)])
-def test_mmt_loss_under_bf16_autocast_matches_float64(backend, d, gen):
-    """16 identities x 4 images; torch at ResNet-50's D=2048, triton (interpreter) at a cheap D."""
+def test_mmt_loss_under_bf16_autocast_matches_float64(backend, d, gen, device):
+    """16 identities x 4 images; torch at ResNet-50's D=2048, triton (compiled on CUDA, the
+    interpreter on CPU) at a cheap D; each on the session's device, the reference in float64 on CPU."""
     inputs = _pooled_like(16, 4, d, 100, gen)
-    out, grads = _run(inputs, backend, torch.float32, autocast=True)
+    out, grads = _run(inputs, backend, torch.float32, autocast=True, device=device)
     ref, ref_grads = _run(inputs, "torch", torch.float64, autocast=False)
     for name in TERMS:
         got, want = getattr(out, name), getattr(ref, name)
         assert got.dtype == torch.float32, name
-        rel = ((got.double() - want) / want).abs().item()
+        rel = ((got.double().cpu() - want) / want).abs().item()
         assert rel <= 1e-3, f"{name}: relative error {rel:.3g} under bf16 autocast"
     # Gradients follow the mined pairs, and where two candidates of a row are closer than
     # float32's rounding, float32 and float64 may legitimately mine different ones (a near tie,
     # not an autocast error). So the gradients are checked against the same float32 arithmetic
     # without autocast: autocast must change nothing (bf16 matmuls would move them by ~1e-2).
-    _, plain_grads = _run(inputs, backend, torch.float32, autocast=False)
+    _, plain_grads = _run(inputs, backend, torch.float32, autocast=False, device=device)
     for name, g in grads.items():
         torch.testing.assert_close(g, plain_grads[name], rtol=1e-5, atol=1e-6 * plain_grads[name].abs().max().item(),
                                    msg=lambda m, name=name: f"{name}: autocast changed the gradient: {m}")

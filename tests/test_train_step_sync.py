@@ -196,23 +196,23 @@ def test_the_patch_catches_a_read():
         step_is_finite(torch.tensor(1.0), "x")
 
 
-def test_triton_label_check_is_skippable_but_still_the_default(gen, monkeypatch):
+def test_triton_label_check_is_skippable_but_still_the_default(gen, monkeypatch, device):
     """The loss ops keep their label-range error for direct users; ``check_labels=False`` (the
     trainer, which checks once per epoch) skips the reduction and its host read."""
     from fastmmt.ops import cross_entropy_label_smooth, logits_pair_losses
     from fastmmt.ops import reference as ref
 
-    s, t = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
-    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    s, t = (torch.randn(6, 5, generator=gen).to(device) for _ in range(2))
+    y = torch.tensor([0, 1, 2, 3, 4, 0], device=device)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
-        cross_entropy_label_smooth(s, torch.tensor([0, 1, 2, 3, 5, 0]), backend="triton")
+        cross_entropy_label_smooth(s, torch.tensor([0, 1, 2, 3, 5, 0], device=device), backend="triton")
 
     def no_aminmax(*args, **kwargs):
         raise AssertionError("label range checked")
     monkeypatch.setattr(torch, "aminmax", no_aminmax)
     ce, se = logits_pair_losses(s, t, y, 0.1, backend="triton", check_labels=False)
-    ce_ref, se_ref = ref.logits_pair_losses(s.double(), t.double(), y, 0.1)
-    torch.testing.assert_close(ce.double(), ce_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(se.double(), se_ref, rtol=1e-5, atol=1e-6)
+    ce_ref, se_ref = ref.logits_pair_losses(s.double().cpu(), t.double().cpu(), y.cpu(), 0.1)
+    torch.testing.assert_close(ce.double().cpu(), ce_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(se.double().cpu(), se_ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(AssertionError, match="label range checked"):
         cross_entropy_label_smooth(s, y, backend="triton")

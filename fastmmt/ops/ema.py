@@ -119,6 +119,19 @@ def _resolve(backend: str, teacher: Sequence[torch.Tensor], student: Sequence[to
     return "ext" if one_device_ok and layouts_ok and dtypes <= set(_EXT_DTYPES) else "foreach"
 
 
+def _foreach_lerp_device_weight_(teacher: list[torch.Tensor], student: list[torch.Tensor],
+                                 weight: torch.Tensor) -> None:
+    """``t += weight * (s - t)`` for a 0-dim device ``weight``, read by the kernels, never by the host.
+
+    ``torch._foreach_lerp_(ts, ss, weight)`` binds a 0-dim tensor to its ``Scalar`` overload, which
+    reads it on the host (one device sync per call); the ``Tensor`` overload of ``_foreach_mul_``
+    takes it as a device pointer. Three multi-tensor launches and one temporary per tensor.
+    """
+    delta = torch._foreach_sub(student, teacher)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(teacher, delta)
+
+
 @torch.no_grad()
 def ema_update_(
     teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], alpha: float | torch.Tensor,
@@ -142,7 +155,7 @@ def ema_update_(
             for t, s in zip(teacher, student):
                 t.lerp_(s, weight.to(t.dtype))
         elif teacher:
-            torch._foreach_lerp_(teacher, student, weight)
+            _foreach_lerp_device_weight_(teacher, student, weight)
         return name
     if name == "ext":
         ext = load_extension()

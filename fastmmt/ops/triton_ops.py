@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastmmt.kernels import distance, logits, triplet
+from fastmmt.ops._dispatch import triton_interpreter_on
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -24,6 +25,10 @@ def _check_matrix(name: str, t: torch.Tensor) -> torch.Tensor:
     if t.dtype not in _FLOATS:
         raise TypeError(f"{name} has dtype {t.dtype}; the triton backend takes float32, float16 or "
                         "bfloat16 (use backend='torch' for float64)")
+    if t.device.type != "cuda" and not triton_interpreter_on():
+        raise ValueError(f"{name} is on {t.device}: the triton backend runs compiled kernels on CUDA tensors, "
+                         "or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before triton "
+                         "is imported); move the inputs to CUDA or use backend='torch'")
     return t.contiguous()
 
 
