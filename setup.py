@@ -22,9 +22,6 @@ REQUIRES = [
     "numpy>=1.24",
     "pillow>=10",
     "faiss-gpu>=1.8",
-    # DALI's CUDA 13 build: it bundles its own nvJPEG/nvimgcodec, runs CPU-only pipelines with
-    # no GPU, and matches the CUDA 13 toolchain (nvcc 13) the extension is compiled with.
-    "nvidia-dali-cuda130>=2.0",
     "pyyaml>=6",
     "tqdm>=4.60",
     "matplotlib>=3.7",
@@ -32,6 +29,15 @@ REQUIRES = [
 
 packages = find_packages(include=["fastmmt", "fastmmt.*"]) + ["fastmmt.kernels"]
 package_dir = {"fastmmt.kernels": "kernels"}
+
+
+def _dali_requirement() -> list[str]:
+    """DALI's build for this machine's NVIDIA driver (csrc/build_ext_helper.dali_requirement)."""
+    try:
+        from build_ext_helper import dali_requirement, nvidia_driver_version
+    except ImportError:
+        return []
+    return [dali_requirement(nvidia_driver_version())]
 
 
 def _ext_kwargs() -> dict:
@@ -50,7 +56,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     python_requires=">=3.10",
-    install_requires=REQUIRES,
+    install_requires=REQUIRES + _dali_requirement(),
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "scikit-learn>=1.3", "ninja"]},
     entry_points={"console_scripts": ["fastmmt=fastmmt.cli:main"]},
     **_ext_kwargs(),

@@ -29,6 +29,11 @@ NVCC_FLAGS = ["-O3"]
 CUDA_MACRO = ("FASTMMT_WITH_CUDA", "1")
 # Ampere (A100), Ampere consumer (RTX 30xx, A10, A40), Hopper (H100) + PTX that later GPUs JIT.
 DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
+DEFAULT_NVCC = "/usr/local/cuda/bin/nvcc"
+# DALI's CUDA 13 build bundles its own nvJPEG/nvimgcodec and runs CPU-only pipelines with no GPU;
+# its GPU pipelines need driver >= 580, else CUDA 12's build (driver >= 525).
+DALI_CUDA13, DALI_CUDA12 = "nvidia-dali-cuda130>=2.0", "nvidia-dali-cuda120>=2.0"
+DALI_CUDA13_MIN_DRIVER = 580
 
 
 def _warn(msg: str) -> None:
@@ -39,12 +44,47 @@ def _say(msg: str) -> None:
     print(f"[fastmmt._C] {msg}", file=sys.stderr)
 
 
+def _torch_cuda_home() -> str | None:
+    """Where torch's extension build finds CUDA (its own search: env, nvcc on PATH, /usr/local/cuda)."""
+    try:
+        from torch.utils import cpp_extension
+    except Exception:  # torch missing or broken: no torch-found CUDA
+        return None
+    return cpp_extension.CUDA_HOME
+
+
 def find_nvcc() -> str | None:
-    """nvcc under $CUDA_HOME/$CUDA_PATH (what torch's build uses), else on PATH."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
+    """The first nvcc of: $CUDA_HOME, $CUDA_PATH, the CUDA torch's build uses, PATH,
+    /usr/local/cuda (torch's build compiles with the one under its CUDA home)."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), _torch_cuda_home()]
+    candidates = [os.path.join(h, "bin", "nvcc") for h in homes if h]
+    candidates += [shutil.which("nvcc"), DEFAULT_NVCC]
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def dali_requirement(driver_version: str | None) -> str:
+    """The DALI build for this machine's NVIDIA driver: CUDA 13's needs driver >= 580; an older
+    driver gets CUDA 12's (>= 525), which runs GPU pipelines there; no driver (a CPU machine):
+    CUDA 13's, whose CPU-only pipelines need none."""
+    try:
+        major = int(str(driver_version).split(".")[0])
+    except ValueError:
+        return DALI_CUDA13
+    return DALI_CUDA13 if major >= DALI_CUDA13_MIN_DRIVER else DALI_CUDA12
+
+
+def nvidia_driver_version() -> str | None:
+    """The driver version ``nvidia-smi`` reports for the first GPU, None without one."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    return lines[0].strip() if lines else None
 
 
 def nvcc_version(nvcc: str) -> str | None:
@@ -84,7 +124,10 @@ def cuda_wanted() -> bool:
 
     nvcc = find_nvcc()
     reason = cuda_skip_reason(torch.version.cuda, nvcc, nvcc_version(nvcc) if nvcc else None)
-    if reason is not None:
+    if reason is not None and torch.cuda.is_available():
+        _warn(f"a GPU is visible but the extension is built WITHOUT its CUDA kernel: {reason}; the EMA "
+              "of CUDA tensors falls back to torch._foreach_lerp_")
+    elif reason is not None:
         _say(f"building the CPU path only, CUDA skipped: {reason}")
     return reason is None
 
@@ -115,7 +158,6 @@ def _cpu_extension():
 def _cuda_extension():
     import torch
     from torch.utils.cpp_extension import CUDAExtension
-
 
     ext = CUDAExtension(NAME, CPU_SOURCES + CUDA_SOURCES, define_macros=[CUDA_MACRO],
                         extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)},

@@ -127,3 +127,58 @@ def test_forced_cuda_build_with_cpu_torch_falls_back_to_the_cpu_extension(tmp_pa
             "print(m.has_cuda())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def _fake_nvcc(home: Path) -> str:
+    (home / "bin").mkdir(parents=True)
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    nvcc.chmod(0o755)
+    return str(nvcc)
+
+
+def test_nvcc_found_where_torch_finds_cuda(monkeypatch, tmp_path):
+    """Neither CUDA_HOME nor PATH names it, but torch's extension build knows the CUDA home (e.g.
+    a toolkit torch found by its own search): the helper builds with that nvcc, not CPU-only."""
+    from torch.utils import cpp_extension
+
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(helper, "DEFAULT_NVCC", str(tmp_path / "nowhere" / "nvcc"))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert helper.find_nvcc() is None
+    nvcc = _fake_nvcc(tmp_path / "torch-cuda")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "torch-cuda"))
+    assert helper.find_nvcc() == nvcc
+    env_nvcc = _fake_nvcc(tmp_path / "env-cuda")  # an explicit CUDA_HOME still comes first
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "env-cuda"))
+    assert helper.find_nvcc() == env_nvcc
+
+
+def test_skipping_cuda_with_a_visible_gpu_is_a_warning(monkeypatch, capsys):
+    monkeypatch.delenv("FASTMMT_CUDA", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(helper, "find_nvcc", lambda: None)
+    assert helper.cuda_wanted() is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("WARNING [fastmmt._C]: a GPU is visible but the extension is "
+                                               "built WITHOUT its CUDA kernel: nvcc not found")
+
+
+def test_dali_build_follows_the_driver():
+    assert helper.dali_requirement("580.159.04") == helper.DALI_CUDA13 == "nvidia-dali-cuda130>=2.0"
+    assert helper.dali_requirement("575.51.03") == helper.DALI_CUDA12 == "nvidia-dali-cuda120>=2.0"
+    assert helper.dali_requirement("535.104.05") == helper.DALI_CUDA12
+    assert helper.dali_requirement(None) == helper.DALI_CUDA13  # no driver: CPU-only pipelines
+
+
+def test_driver_version_read_from_nvidia_smi(monkeypatch, tmp_path):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 575.51.03\necho 575.51.03\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert helper.nvidia_driver_version() == "575.51.03"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert helper.nvidia_driver_version() is None

@@ -42,9 +42,15 @@ class ReIDNet(nn.Module):
         return self.classifier.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``(f, logits)`` in train mode, ``normalize(bn_neck(f))`` in eval mode."""
-        f = self.backbone(x).mean(dim=(2, 3))
-        bn_f = self.bn_neck(f)
+        """``(f, logits)`` in train mode, ``normalize(bn_neck(f))`` in eval mode.
+
+        The pooling and the BN neck run in float32 outside autocast: under ``run.amp=bf16`` the
+        backbone's bf16 map is averaged in float32, so the triplet, clustering and retrieval
+        features are not rounded to bf16's 8 bits."""
+        fmap = self.backbone(x)
+        with torch.autocast(fmap.device.type, enabled=False):
+            f = fmap.float().mean(dim=(2, 3))
+            bn_f = self.bn_neck(f)
         if not self.training:
             return F.normalize(bn_f)
         return f, self.classifier(self.dropout(bn_f))

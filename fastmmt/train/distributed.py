@@ -17,6 +17,7 @@ path. What the trainer relies on (see docs/distributed.md):
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import inspect
 import logging
@@ -81,6 +82,9 @@ def setup(device: torch.device) -> DistContext:
     """
     world = env_world_size()
     if world <= 1:
+        if device.type == "cuda":  # cuda:N is the current device: Triton and FAISS launch there
+            device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+            torch.cuda.set_device(device)
         return DistContext(device=device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -234,10 +238,27 @@ def _portable(err: BaseException) -> BaseException:
         return DistributedError(f"{type(err).__name__}: {err}")
 
 
+def on_host(value: Any) -> Any:
+    """``value`` with every tensor it holds (directly, in a tuple/list/dict or a dataclass field)
+    moved to the CPU; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: on_host(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(on_host(v) for v in value)
+    if isinstance(value, dict):
+        return {k: on_host(v) for k, v in value.items()}
+    return value
+
+
 def run_on_main(ctx: DistContext, fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args)`` on rank 0 only; every rank returns its result or raises its error.
 
-    The result must be picklable (it is broadcast with ``broadcast_object_list``).
+    The result must be picklable (it is broadcast with ``broadcast_object_list``); its tensors travel
+    on the host (:func:`on_host`): a pickled CUDA tensor would unpickle onto rank 0's GPU on every
+    rank, opening a context there. The caller moves what it needs to its own device.
     """
     if not ctx.enabled:
         return fn(*args)
@@ -245,7 +266,7 @@ def run_on_main(ctx: DistContext, fn: Callable[..., T], *args: Any) -> T:
     err: Exception | None = None
     if ctx.is_main:
         try:
-            payload = [(True, fn(*args))]
+            payload = [(True, on_host(fn(*args)))]
         except Exception as e:  # handed to every rank, re-raised below
             err = e
             payload = [(False, _portable(e))]
@@ -273,7 +294,17 @@ def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
     if not ctx.enabled:
         return module
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+    ddp_cls = nn.parallel.DistributedDataParallel
+    return ddp_cls(module, device_ids=ids, **no_buffer_sync_kwargs(ddp_cls))
+
+
+def no_buffer_sync_kwargs(ddp_cls: type) -> dict[str, bool]:
+    """DDP arguments that stop it syncing buffers in forward: ``broadcast_buffers=False`` (every
+    torch fastmmt supports) and, where the class has it (torch >= 2.13), ``forward_sync_buffers=False``."""
+    kwargs = {"broadcast_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(ddp_cls.__init__).parameters:
+        kwargs["forward_sync_buffers"] = False
+    return kwargs
 
 
 def convert_sync_bn(modules: Iterable[nn.Module], ctx: DistContext) -> list[nn.Module]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
+import subprocess
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,13 +18,44 @@ from fastmmt.train.distributed import DistContext
 from fastmmt.train.options import ExperimentOptions, check_options
 
 
+def listed_nvidia_gpus() -> list[str]:
+    """The GPUs ``nvidia-smi -L`` lists (``GPU 0: NVIDIA H100 ...``); empty without the tool or a GPU."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [ln.strip() for ln in out.stdout.splitlines() if ln.startswith("GPU ")] if out.returncode == 0 else []
+
+
+def cuda_unusable_reason() -> str:
+    """Why this torch cannot use a GPU the driver lists (for messages)."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build; install a CUDA build of torch"
+    return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no usable device: check the driver "
+            "supports that CUDA version and CUDA_VISIBLE_DEVICES")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> first CUDA device when present, else CPU; a missing CUDA device is an error."""
+    """``auto`` -> first CUDA device when present, else CPU (with a warning when the driver lists a
+    GPU this torch cannot use); a missing CUDA device is an error."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        gpus = listed_nvidia_gpus()
+        if gpus:
+            warnings.warn(f"run.device=auto: nvidia-smi lists {len(gpus)} GPU(s) but {cuda_unusable_reason()}; "
+                          "training on the CPU (set run.device=cpu to choose it explicitly)", RuntimeWarning,
+                          stacklevel=2)
+        return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} "
+                           "CUDA device(s)")
     return dev
 
 
