@@ -44,12 +44,12 @@ class ReIDNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``(f, logits)`` in train mode, ``normalize(bn_neck(f))`` in eval mode.
 
-        The pooling and the BN neck run in float32 outside autocast: under ``run.amp=bf16`` the
-        backbone's bf16 map is averaged in float32, so the triplet, clustering and retrieval
-        features are not rounded to bf16's 8 bits."""
+        The pooling and the BN neck run in the network's dtype outside autocast: under
+        ``run.amp=bf16`` a float32 network averages the backbone's bf16 map in float32, so the
+        triplet, clustering and retrieval features are not rounded to bf16's 8 bits."""
         fmap = self.backbone(x)
         with torch.autocast(fmap.device.type, enabled=False):
-            f = fmap.float().mean(dim=(2, 3))
+            f = fmap.to(self.bn_neck.weight.dtype).mean(dim=(2, 3))  # the network's own dtype
             bn_f = self.bn_neck(f)
         if not self.training:
             return F.normalize(bn_f)
