@@ -101,3 +101,33 @@ def test_test_loader_order_and_values(records):
     t = TestTransform(32, 16)
     for i in (0, 13, 29):
         assert torch.equal(imgs[i], t(load_image(records[i].path)))
+
+
+def test_torch_loaders_pin_for_a_cuda_device(records, monkeypatch):
+    """Feeding a CUDA device (a ``local_rank``) the torch loaders pin their batches, so the step's
+    copies are asynchronous; on the CPU (no ``local_rank``, or no CUDA) they do not."""
+    from fastmmt.data.factory import build_test_loader, build_train_loader, pin_for
+
+    labels = np.array([r.pid for r in records])
+    assert not pin_for(None)
+    assert pin_for(0) == torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    train = build_train_loader(records, labels, 32, 16, batch_size=4, num_instances=2, workers=0,
+                               backend="torch", local_rank=0)
+    assert train.pin_memory and train._get_loader().pin_memory
+    assert build_test_loader(records, 32, 16, workers=0, backend="torch", local_rank=0).pin_memory
+    cpu_train = build_train_loader(records, labels, 32, 16, batch_size=4, num_instances=2, workers=0,
+                                   backend="torch", local_rank=None)
+    assert not cpu_train.pin_memory and not cpu_train._get_loader().pin_memory
+    assert not build_test_loader(records, 32, 16, workers=0, backend="torch").pin_memory
+
+
+@pytest.mark.gpu
+def test_pinned_batches_on_cuda(records):
+    from fastmmt.data.factory import build_train_loader
+
+    labels = np.array([r.pid for r in records])
+    loader = build_train_loader(records, labels, 32, 16, batch_size=4, num_instances=2, workers=0,
+                                backend="torch", local_rank=0)
+    batch = next(iter(loader.epoch(0, 1)))
+    assert batch.views[0].is_pinned() and batch.labels.is_pinned()

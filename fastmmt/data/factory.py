@@ -101,6 +101,12 @@ def resolve_data_backend(backend: str = "auto", device: str | None = None) -> st
     return backend
 
 
+def pin_for(local_rank: int | None) -> bool:
+    """Whether the torch loaders pin their batches: when they feed a CUDA device (``local_rank``),
+    so each step's host-to-device copy is asynchronous instead of a sync."""
+    return local_rank is not None and torch.cuda.is_available()
+
+
 def _torch_only(dali_options: dict[str, Any]) -> None:
     if dali_options:
         raise TypeError(f"options {sorted(dali_options)} exist only for the DALI backend")
@@ -117,7 +123,7 @@ def build_train_loader(records: Sequence[ImageRecord], labels: np.ndarray, heigh
     ``rank``/``world_size``: the loader yields this rank's share of each global ``batch_size``
     batch (both backends: one :class:`~fastmmt.data.sampler.BatchPlanner` plan). ``local_rank``:
     the CUDA device a DALI pipeline decodes on (the training device of the rank; the torch loader
-    makes CPU tensors and ignores it). ``augment``: the AugmentSpec (default: the recipe at HxW).
+    makes CPU tensors, pinned for that device). ``augment``: the AugmentSpec (default: the recipe at HxW).
     ``decoded_cache``: decode each image once for the run (:func:`build_decoded_cache`, made
     for the same backend).
     """
@@ -128,7 +134,8 @@ def build_train_loader(records: Sequence[ImageRecord], labels: np.ndarray, heigh
         return DaliTrainLoader(*args, augment=augment, device_id=local_rank, decoded_cache=decoded_cache,
                                **dali_options)
     _torch_only(dali_options)
-    return torch_loaders.TorchTrainLoader(*args, augment=augment, decoded_cache=decoded_cache)
+    return torch_loaders.TorchTrainLoader(*args, augment=augment, decoded_cache=decoded_cache,
+                                          pin_memory=pin_for(local_rank))
 
 
 def build_test_loader(records: Sequence[ImageRecord], height: int, width: int, batch_size: int = 128,
@@ -138,7 +145,7 @@ def build_test_loader(records: Sequence[ImageRecord], height: int, width: int, b
     """An ordered extraction loader yielding ``(images, pids, camids, indices)`` batches, the
     last partial batch included, iterable any number of times.
 
-    ``local_rank``: the CUDA device a DALI pipeline decodes on (ignored by the torch loader).
+    ``local_rank``: the CUDA device a DALI pipeline decodes on (the torch loader pins for it).
     ``decoded_cache``: decode each image once for the run. ``persistent``: torch worker
     processes stay alive between passes (a loader built once per run; DALI's pipeline always
     does)."""
@@ -148,7 +155,8 @@ def build_test_loader(records: Sequence[ImageRecord], height: int, width: int, b
                               decoded_cache=decoded_cache, **dali_options)
     _torch_only(dali_options)
     return torch_loaders.build_torch_test_loader(records, height, width, batch_size, workers,
-                                                 decoded_cache=decoded_cache, persistent=persistent)
+                                                 decoded_cache=decoded_cache, persistent=persistent,
+                                                 pin_memory=pin_for(local_rank))
 
 
 def build_decoded_cache(records: Sequence[ImageRecord], backend: str = "auto", max_bytes: int | None = None,

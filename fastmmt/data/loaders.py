@@ -100,13 +100,15 @@ class TorchTrainLoader:
     per rank) each batch is this ``rank``'s share of the global ``batch_size`` batch, images and
     augmentations identical to the single-process ones. ``decoded_cache`` (a ``"pillow"``
     :class:`~fastmmt.data.decoded_cache.DecodedImageCache` holding these records' paths): each
-    image is decoded once for the run, batches unchanged.
+    image is decoded once for the run, batches unchanged. ``pin_memory``: views and labels come in
+    page-locked memory, so their copies to a CUDA device are asynchronous (``non_blocking=True``).
     """
 
     def __init__(self, records: Sequence[ImageRecord], labels: np.ndarray, height: int, width: int,
                  batch_size: int = 64, num_instances: int = 4, num_views: int = 1, workers: int = 2,
                  seed: int = 0, erase: bool = True, rank: int = 0, world_size: int = 1, *,
-                 augment: AugmentSpec | None = None, decoded_cache: DecodedImageCache | None = None) -> None:
+                 augment: AugmentSpec | None = None, decoded_cache: DecodedImageCache | None = None,
+                 pin_memory: bool = False) -> None:
         if num_views < 1 or workers < 0:
             raise ValueError(f"need num_views >= 1 and workers >= 0, got {num_views} and {workers}")
         self.records = list(records)
@@ -116,6 +118,7 @@ class TorchTrainLoader:
         self._dataset = _AugmentedImages([r.path for r in self.records], self.spec, num_views, decoded_cache)
         self._batches = _BatchList()
         self._workers = workers
+        self.pin_memory = pin_memory
         self._loader: DataLoader | None = None
 
     @property
@@ -131,7 +134,7 @@ class TorchTrainLoader:
         if self._loader is None:
             extra = dict(persistent_workers=True, worker_init_fn=_single_thread_worker) if self._workers else {}
             self._loader = DataLoader(self._dataset, batch_sampler=self._batches, num_workers=self._workers,
-                                      collate_fn=_collate, **extra)
+                                      collate_fn=_collate, pin_memory=self.pin_memory, **extra)
         return self._loader
 
     def epoch(self, epoch: int, iters: int) -> Iterator[TrainBatch]:
@@ -141,7 +144,9 @@ class TorchTrainLoader:
         labels = torch.from_numpy(self.labels.copy())
         camids = torch.from_numpy(self.camids)
         for views, indices in self._get_loader():
-            yield TrainBatch(views, labels[indices], camids[indices], indices)
+            batch_labels = labels[indices]
+            yield TrainBatch(views, batch_labels.pin_memory() if self.pin_memory else batch_labels, camids[indices],
+                             indices)
 
 
 class _TestImages(Dataset):
@@ -160,14 +165,15 @@ class _TestImages(Dataset):
 
 def build_torch_test_loader(records: Sequence[ImageRecord], height: int, width: int, batch_size: int = 128,
                             workers: int = 2, decoded_cache: DecodedImageCache | None = None,
-                            persistent: bool = False) -> DataLoader:
+                            persistent: bool = False, pin_memory: bool = False) -> DataLoader:
     """Batches ``(images, pids, camids, indices)`` in record order, last partial batch included.
 
     ``decoded_cache``: decode each image once for the run (see :class:`TorchTrainLoader`).
     ``persistent``: keep the worker processes between passes (for a loader built once per run
-    and iterated every epoch)."""
+    and iterated every epoch). ``pin_memory``: batches in page-locked memory (asynchronous copies
+    to a CUDA device)."""
     if batch_size <= 0 or workers < 0:
         raise ValueError(f"need batch_size > 0 and workers >= 0, got {batch_size} and {workers}")
     extra = dict(worker_init_fn=_single_thread_worker, persistent_workers=persistent) if workers else {}
     return DataLoader(_TestImages(list(records), TestTransform(height, width), decoded_cache), batch_size=batch_size,
-                      shuffle=False, num_workers=workers, drop_last=False, **extra)
+                      shuffle=False, num_workers=workers, drop_last=False, pin_memory=pin_memory, **extra)

@@ -118,7 +118,7 @@ def mmt_step(nets: list[nn.Module], students: list[nn.Module], teachers: list[nn
     a, m, r = opts.adapt, opts.model, opts.run
     device, ctx = rt.device, rt.ctx
     sync = r.sync_each_step
-    y = batch.labels.to(device)
+    y = batch.labels.to(device, non_blocking=True)
     x1 = to_device(batch.views[0], device, m.channels_last)
     x2 = to_device(batch.views[1], device, m.channels_last)
     with autocast(device, r.amp):
@@ -155,7 +155,7 @@ def baseline_step(net: nn.Module, student: nn.Module, optimizer: torch.optim.Opt
     a, m, r = opts.adapt, opts.model, opts.run
     device, ctx = rt.device, rt.ctx
     sync = r.sync_each_step
-    y = batch.labels.to(device)
+    y = batch.labels.to(device, non_blocking=True)
     x = to_device(batch.views[0], device, m.channels_last)
     with autocast(device, r.amp):
         f, p = net(x)

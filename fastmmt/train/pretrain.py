@@ -53,7 +53,7 @@ def pretrain_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optim
     device, ctx = rt.device, rt.ctx
     sync = r.sync_each_step
     x = to_device(batch.views[0], device, m.channels_last)
-    y = batch.labels.to(device)
+    y = batch.labels.to(device, non_blocking=True)
     with autocast(device, r.amp):
         f, logits = net(x)
         f, logits, y = ddp.gather_batch(ctx, f, logits, y)
