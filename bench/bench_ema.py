@@ -10,6 +10,10 @@ A copy's destination is also read (write-allocate) but not counted, so the copy 
 traffic a 2-read/1-write update can reach; a second probe with exactly the update's pattern, one
 huge in-place ``a.add_(b)`` (counted as 3 x bytes), gives the stricter ``x_inplace_floor``.
 
+On a CUDA machine ``test_ema_two_resnet50_teachers_cuda`` times the same update on the GPU (the
+extension's kernel, ``_foreach_lerp_``, the loop and the device-alpha path) against the device's copy
+bandwidth and the loop, synchronising after each call.
+
 Run: .venv/bin/python -m pytest bench/bench_ema.py -q --benchmark-columns=min,median,mean,rounds
 """
 from __future__ import annotations
@@ -126,3 +130,51 @@ def test_copy_bandwidth(benchmark, refs):
     benchmark.extra_info.update({"bytes_moved": 2 * src.nbytes,
                                  "GBps_min": round(2 * src.nbytes / benchmark.stats.stats.min / 1e9, 2),
                                  "bandwidth_GBps_fixture": round(refs["bandwidth_GBps"], 2)})
+
+
+def _cuda_timed(fn):
+    """``fn`` then a device synchronize: pytest-benchmark's host clock then times the kernels."""
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+@pytest.fixture(scope="module")
+def cuda_refs():
+    """The two teachers on the GPU, the device's copy bandwidth and the loop's time (this run)."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA timings need a GPU (scripts/gpu_check.sh runs them)")
+    shapes = resnet50_parameter_shapes()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    teachers = [torch.randn(s, generator=g, device="cuda") for s in shapes + shapes]
+    students = [torch.randn(s, generator=g, device="cuda") for s in shapes + shapes]
+    src = torch.randn(COPY_NUMEL * 4, device="cuda")  # 1 GiB: well beyond any L2
+    dst = torch.empty_like(src)
+    t_copy = _min_time(_cuda_timed(lambda: dst.copy_(src)), rounds=10)
+    bandwidth = 2 * src.nbytes / t_copy
+    del src, dst
+    moved = 3 * sum(t.nbytes for t in teachers)
+    t_loop = _min_time(_cuda_timed(lambda: ema_update_(teachers, students, ALPHA, backend="loop")), rounds=10)
+    return {"lists": (teachers, students), "bandwidth_GBps": bandwidth / 1e9, "floor_s": moved / bandwidth,
+            "loop_s": t_loop}
+
+
+@pytest.mark.parametrize("variant", ["loop", "foreach", "ext", "foreach, device alpha"])
+def test_ema_two_resnet50_teachers_cuda(benchmark, cuda_refs, variant):
+    """The same update on CUDA tensors: the extension's multi-tensor kernel, ``_foreach_lerp_``,
+    the per-tensor loop, and the device-alpha path the skip policy takes (no host read)."""
+    teachers, students = cuda_refs["lists"]
+    backend = variant.split(",")[0]
+    if backend == "ext" and not (load_extension() and load_extension().has_cuda()):
+        pytest.fail("fastmmt._C has no CUDA kernel: rebuild with FASTMMT_CUDA=1 (scripts/gpu_check.sh does)")
+    alpha = torch.tensor(ALPHA, device="cuda") if "device alpha" in variant else ALPHA
+    benchmark.pedantic(_cuda_timed(lambda: ema_update_(teachers, students, alpha, backend)), rounds=20,
+                       warmup_rounds=2)
+    stats = benchmark.stats.stats
+    benchmark.extra_info.update({
+        "variant": variant, "bandwidth_GBps": round(cuda_refs["bandwidth_GBps"], 1),
+        "floor_ms": round(cuda_refs["floor_s"] * 1e3, 3), "loop_ref_ms": round(cuda_refs["loop_s"] * 1e3, 3),
+        "x_floor_min": round(stats.min / cuda_refs["floor_s"], 3),
+        "speedup_vs_loop_min": round(cuda_refs["loop_s"] / stats.min, 2),
+    })
