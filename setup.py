@@ -13,7 +13,7 @@ import sys
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "csrc"))
+sys.path[:0] = [os.path.join(HERE, "csrc"), HERE]  # the build helper, and fastmmt.machine (no torch)
 
 REQUIRES = [
     # 2.13.0 (CPU wheel on local disk) must satisfy every range: a CUDA machine keeps its torch.
@@ -33,10 +33,10 @@ package_dir = {"fastmmt.kernels": "kernels"}
 
 def _dali_requirement() -> list[str]:
     """DALI's build for this machine's NVIDIA driver (csrc/build_ext_helper.dali_requirement)."""
-    try:
-        from build_ext_helper import dali_requirement, nvidia_driver_version
-    except ImportError:
-        return []
+    from build_ext_helper import dali_requirement  # csrc/build_ext_helper.py
+
+    from fastmmt.machine import nvidia_driver_version  # no torch needed
+
     return [dali_requirement(nvidia_driver_version())]
 
 

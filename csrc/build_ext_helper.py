@@ -73,20 +73,6 @@ def dali_requirement(driver_version: str | None) -> str:
     return DALI_CUDA13 if major >= DALI_CUDA13_MIN_DRIVER else DALI_CUDA12
 
 
-def nvidia_driver_version() -> str | None:
-    """The driver version ``nvidia-smi`` reports for the first GPU, None without one."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    try:
-        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
-    return lines[0].strip() if lines else None
-
-
 def nvcc_version(nvcc: str) -> str | None:
     """``"13.0"`` from ``nvcc --version`` ("... release 13.0, V13.0.88"), None if unreadable."""
     try:

@@ -38,7 +38,9 @@ def test_auto_device_warns_when_a_listed_gpu_is_unusable(monkeypatch, tmp_path):
     with pytest.warns(RuntimeWarning, match=r"nvidia-smi lists 2 GPU\(s\) but torch .* is a CPU-only build; "
                                             r"install a CUDA build of torch; training on the CPU"):
         assert runtime.resolve_device("auto") == torch.device("cpu")
-    assert runtime.listed_nvidia_gpus()[0].startswith("GPU 0: NVIDIA H100")
+    from fastmmt.machine import listed_nvidia_gpus, nvidia_driver_version
+
+    assert listed_nvidia_gpus()[0].startswith("GPU 0: NVIDIA H100") and nvidia_driver_version() == "580.159.04"
 
 
 def test_single_process_cuda_n_becomes_the_current_device(monkeypatch):

@@ -1,34 +1,47 @@
 """Does the GPU path work here? One command on a CUDA machine; writes ``gpu_check/REPORT.md``.
 
-Run by ``scripts/gpu_check.sh`` (which sets up ``.venv`` first). Steps, each recorded with its
-outcome, time and output tail, none stopping the others:
+Run by ``scripts/gpu_check.sh`` (``--system``: the machine's own Python, nothing installed; else
+``.venv`` set up by ``scripts/dev.sh``). Steps, each recorded with its outcome, time and output
+tail, none stopping the others:
 
 1. versions: GPU, driver, torch / CUDA / Triton / DALI / FAISS / nvcc;
 2. build ``fastmmt._C`` for this GPU's architecture and check ``has_cuda()`` in a fresh process;
-3. the whole test suite (``gpu`` tests run on CUDA; ``--quick`` leaves out ``slow``);
+3. the test suite (``gpu`` tests run on CUDA; ``--quick`` leaves out ``slow``; pytest-xdist spreads
+   it over ``--jobs`` processes where installed);
 4. ``compute-sanitizer --tool memcheck`` on :mod:`fastmmt.tools.kernel_sweep` (every Triton
-   kernel forward and backward at N 65, D 129, K 1025);
+   kernel forward and backward at N 65, D 129, K 1025) with torch's caching allocator off, so an
+   out-of-bounds tile is outside any allocation;
 5. the loss, EMA and pipeline benchmarks against their references (pytest-benchmark JSON);
-6. :mod:`fastmmt.tools.gpu_profile`: a short synthetic MMT run at the paper's shape under sync
-   debugging and the profiler (backends, host syncs per step, seconds per phase).
+6. :mod:`fastmmt.tools.gpu_profile`: a synthetic MMT run at the paper's shape, once per
+   non-finite policy, with host syncs counted inside the training step only.
 
-Without CUDA it prints one line and exits 0. The exit code is 1 when any step failed.
+The report's "Parts" table says of each GPU part: PASS, FAIL or NOT INSTALLED HERE. The exit code
+is 0 only when every part that is installed passed: a GPU the driver lists but torch cannot use,
+an extension without its CUDA kernel, a training step that syncs, or the torch loader running
+where DALI is installed all fail it. Without a GPU listed it prints one line and exits 0.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastmmt.machine import listed_nvidia_gpus, nvidia_driver_version
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCHES = ("bench/bench_mmt_loss.py", "bench/bench_ema.py", "bench/bench_pipelines.py")
-NO_CUDA = "gpu_check: no CUDA device visible to torch (torch.cuda.is_available() is False); nothing to check"
+# --quick: the GPU rows only (the CPU references they compare against run inside each row)
+QUICK_BENCH_FILTER = "cuda or gpu"
+NO_CUDA = "gpu_check: no NVIDIA GPU listed and no CUDA device visible to torch; nothing to check"
+PASS, FAIL, NOT_INSTALLED = "PASS", "FAIL", "NOT INSTALLED HERE"
 
 
 @dataclass
@@ -40,6 +53,15 @@ class Step:
     seconds: float = 0.0
     detail: str = ""
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Part:
+    """One GPU part of fastmmt and what the check found: PASS, FAIL or NOT INSTALLED HERE."""
+
+    name: str
+    status: str
+    detail: str
 
 
 def _module_version(name: str) -> str:
@@ -64,7 +86,7 @@ def versions() -> dict[str, str]:
     """What this machine runs: GPU, driver and library versions ("none"/"not importable" named)."""
     import torch
 
-    out = {"python": sys.version.split()[0], "torch": torch.__version__,
+    out = {"python": f"{sys.version.split()[0]} ({sys.executable})", "torch": torch.__version__,
            "torch CUDA": str(torch.version.cuda), "triton": _module_version("triton"),
            "DALI": _module_version("nvidia.dali"), "FAISS": _module_version("faiss")}
     if torch.cuda.is_available():
@@ -73,10 +95,10 @@ def versions() -> dict[str, str]:
         out["GPUs visible"] = str(torch.cuda.device_count())
     else:
         out["GPU"] = "none visible to torch"
-    smi = _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-    out["driver"] = smi.splitlines()[0] if smi else "unknown (nvidia-smi not available)"
+    out["GPUs listed by the driver"] = str(len(listed_nvidia_gpus()))
+    out["driver"] = nvidia_driver_version() or "unknown (nvidia-smi not available)"
     nvcc = _command_output(["nvcc", "--version"])
-    out["nvcc"] = nvcc.splitlines()[-1] if nvcc else "not found"
+    out["nvcc"] = nvcc.splitlines()[-1] if nvcc else "not found on PATH"
     if not out["FAISS"].startswith("not"):
         import faiss
 
@@ -102,7 +124,10 @@ def run_step(name: str, cmd: list[str], env: dict | None = None, timeout: float 
         output, ok = f"timed out after {timeout:.0f} s\n{err.stdout or ''}{err.stderr or ''}", False
     if log_dir is not None:
         (log_dir / f"{name.replace(' ', '_')}.log").write_text(f"$ {' '.join(cmd)}\n{output}")
-    return Step(name, ok, time.perf_counter() - t0, _tail(output), {"command": " ".join(cmd)})
+    extra = {"command": " ".join(cmd)}
+    if env:
+        extra["env"] = " ".join(f"{k}={v}" for k, v in env.items())
+    return Step(name, ok, time.perf_counter() - t0, _tail(output), extra)
 
 
 def gpu_arch() -> str:
@@ -122,19 +147,103 @@ def build_step(log_dir: Path) -> Step:
                      log_dir=log_dir)
     built = check.ok and check.detail.strip().splitlines()[-1:] == ["True"]
     step.ok = bool(step.ok and built)
+    step.extra["has_cuda"] = bool(built)
     step.detail = (f"TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}; fastmmt._C.has_cuda() -> "
                    f"{check.detail.strip().splitlines()[-1] if check.detail.strip() else '(no output)'}\n"
                    + step.detail)
     return step
 
 
+def suite_command(out: Path, quick: bool, jobs: int) -> list[str]:
+    """The test suite's pytest command: junit XML for the counts, xdist where installed."""
+    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-ra", f"--junitxml={out / 'tests.xml'}",
+           "-p", "no:cacheprovider"]
+    if quick:
+        cmd += ["-m", "not slow"]
+    if jobs > 1 and importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(jobs), "--dist", "loadfile"]
+    return cmd
+
+
+def junit_counts(path: Path) -> dict:
+    """Tests passed / failed / skipped in a pytest junit XML, with the skip reasons counted."""
+    if not path.exists():
+        return {}
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "skip_reasons": {}}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        skipped = case.find("skipped")
+        if case.find("failure") is not None or case.find("error") is not None:
+            counts["failed"] += 1
+        elif skipped is not None:
+            counts["skipped"] += 1
+            reason = (skipped.get("message") or "").split(":", 1)[0].strip() or "unnamed"
+            counts["skip_reasons"][reason] = counts["skip_reasons"].get(reason, 0) + 1
+        else:
+            counts["passed"] += 1
+    return counts
+
+
+def sanitizer_step(log_dir: Path) -> Step:
+    """compute-sanitizer memcheck over every Triton kernel; torch's caching allocator off, else an
+    out-of-bounds tile lands inside a cached block and memcheck stays silent."""
+    sweep = [sys.executable, "-m", "fastmmt.tools.kernel_sweep", "--n", "65", "--d", "129", "--k", "1025"]
+    return run_step("compute-sanitizer memcheck",
+                    ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", *sweep],
+                    env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, log_dir=log_dir)
+
+
 def summarize_benchmarks(data: dict) -> list[dict]:
     """Rows (name, median seconds, the ratio entries of ``extra_info``) of a pytest-benchmark JSON."""
     rows = []
     for b in data.get("benchmarks", []):
-        extra = {k: v for k, v in (b.get("extra_info") or {}).items() if "ratio" in k or "speedup" in k}
+        extra = {k: v for k, v in (b.get("extra_info") or {}).items()
+                 if "ratio" in k or "speedup" in k or k.startswith("x_")}
         rows.append({"name": b.get("fullname", b.get("name")), "median_s": b["stats"]["median"], "ratios": extra})
     return rows
+
+
+def parts(steps: dict[str, Step], profile: dict | None, info: dict[str, str]) -> list[Part]:
+    """Each GPU part's verdict from what ran (``steps`` by name, the profiled run's summary)."""
+    out = []
+    build = steps.get("build extension")
+    if build is not None:
+        out.append(Part("EMA extension, CUDA kernel", PASS if build.ok else FAIL,
+                        "fastmmt._C.has_cuda() is True" if build.ok else "built without its CUDA kernel "
+                        "(see the build step: nvcc, CUDA version)"))
+    suite = steps.get("test suite")
+    if suite is not None:
+        counts = suite.extra.get("counts") or {}
+        out.append(Part("Triton kernels and the library on CUDA (test suite)", PASS if suite.ok else FAIL,
+                        f"{counts.get('passed', '?')} passed, {counts.get('failed', '?')} failed, "
+                        f"{counts.get('skipped', '?')} skipped"))
+    san = steps.get("compute-sanitizer memcheck")
+    if san is not None:
+        out.append(Part("Triton kernels under compute-sanitizer", NOT_INSTALLED if san.ok is None else
+                        PASS if san.ok else FAIL, san.detail.splitlines()[0] if san.ok is None else
+                        "memcheck, caching allocator off"))
+    dali_installed = not info.get("DALI", "not").startswith("not")
+    faiss_gpus = int(info.get("FAISS GPUs", "0") or 0)
+    if profile is None:
+        out.append(Part("training step without host syncs", FAIL, "the profiled MMT run did not finish"))
+        return out
+    data = profile["backends"]["data"]
+    if not dali_installed:
+        out.append(Part("DALI GPU pipelines", NOT_INSTALLED, f"nvidia-dali not importable; the {data} loader ran"))
+    else:
+        out.append(Part("DALI GPU pipelines", PASS if data == "dali" else FAIL, f"the {data} loader ran"))
+    clustering = profile["backends"]["clustering"]
+    if info.get("FAISS", "not").startswith("not") or faiss_gpus == 0:
+        out.append(Part("FAISS on the GPU", NOT_INSTALLED,
+                        f"FAISS {'not importable' if info.get('FAISS', 'not').startswith('not') else 'sees no GPU'}; "
+                        f"clustering ran on {clustering}"))
+    else:
+        out.append(Part("FAISS on the GPU", PASS if clustering == "faiss-gpu" else FAIL, f"clustering ran on {clustering}"))
+    for policy, s in profile["step_syncs"].items():
+        out.append(Part(f"training step without host syncs (run.on_nonfinite={policy})",
+                        PASS if s["total"] == 0 and s["steps"] > 0 else FAIL,
+                        f"{s['total']} syncs over {s['steps']} steps"
+                        + (f"; first at {s['where'][0][0]}" if s["where"] else "")))
+    return out
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -144,35 +253,45 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _profile_section(summary: dict) -> str:
-    prof, syncs = summary["profile"], summary["syncs"]
+    prof = summary["profile"]
     backends = {"losses": prof["loss_backend"] + (f" ({', '.join(prof['loss_kernels'])})" if prof["loss_kernels"] else ""),
-                "EMA": prof["ema_backend_seen"], **summary["backends"]}
-    parts = ["Backends that ran:", _table(["part", "backend"], [[k, v] for k, v in backends.items()]),
-             f"\nHost syncs: {syncs['total']} over {syncs['steps']} training steps "
-             f"({syncs['per_step']:.2f} per step, extraction and clustering included). Where:",
-             _table(["location", "count"], [[w, n] for w, n in syncs["where"]]) if syncs["where"] else "(none)",
-             "\nSeconds per phase:",
-             _table(["phase", "seconds"], [[k, f"{v:.2f}"] for k, v in summary["seconds"].items()
-                                          if isinstance(v, (int, float))]),
-             f"\nTop ops by {prof['ranked_by']}:",
-             _table(["op / kernel", "calls", "self device ms", "self CPU ms"],
-                    [[r["name"][:80], r["calls"], f"{r['self_device_us'] / 1e3:.2f}", f"{r['self_cpu_us'] / 1e3:.2f}"]
-                     for r in prof["top"]])]
-    return "\n".join(parts)
+                "EMA (kernels seen)": prof["ema_backend_seen"], **summary["backends"]}
+    out = ["Backends that ran:", _table(["part", "backend"], [[k, v] for k, v in backends.items()])]
+    for policy, syncs in summary["step_syncs"].items():
+        out += [f"\nHost syncs inside the training step, run.on_nonfinite={policy}: {syncs['total']} over "
+                f"{syncs['steps']} steps ({syncs['per_step']:.2f} per step)."]
+        if syncs["where"]:
+            out.append(_table(["location", "count"], [[w, n] for w, n in syncs["where"]]))
+    out += ["\nSeconds per phase:",
+            _table(["phase", "seconds"], [[k, f"{v:.2f}"] for k, v in summary["seconds"].items()
+                                         if isinstance(v, (int, float))]),
+            f"\nTop ops by {prof['ranked_by']}:",
+            _table(["op / kernel", "calls", "self device ms", "self CPU ms"],
+                   [[r["name"][:80], r["calls"], f"{r['self_device_us'] / 1e3:.2f}", f"{r['self_cpu_us'] / 1e3:.2f}"]
+                    for r in prof["top"]])]
+    return "\n".join(out)
 
 
 def write_report(path: Path, info: dict[str, str], steps: list[Step], profile: dict | None = None,
-                 benchmarks: list[dict] | None = None) -> str:
+                 benchmarks: list[dict] | None = None, part_list: list[Part] | None = None,
+                 verdict: str = "") -> str:
     """Write the Markdown report; returns its text."""
     mark = {True: "PASS", False: "FAIL", None: "NOT RUN"}
     lines = ["# fastmmt GPU check", "", f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by "
-             "`bash scripts/gpu_check.sh`.", "", "## Machine", "",
-             _table(["item", "version"], [[k, v] for k, v in info.items()]), "", "## Steps", "",
-             _table(["step", "result", "seconds"], [[s.name, mark[s.ok], f"{s.seconds:.1f}"] for s in steps])]
+             "`bash scripts/gpu_check.sh`.", ""]
+    if verdict:
+        lines += [f"**{verdict}**", ""]
+    lines += ["## Machine", "", _table(["item", "version"], [[k, v] for k, v in info.items()])]
+    if part_list:
+        lines += ["", "## Parts", "", _table(["part", "result", "detail"], [[p.name, p.status, p.detail]
+                                                                           for p in part_list])]
+    if steps:
+        lines += ["", "## Steps", "",
+                  _table(["step", "result", "seconds"], [[s.name, mark[s.ok], f"{s.seconds:.1f}"] for s in steps])]
     for s in steps:
         lines += ["", f"### {s.name}: {mark[s.ok]}", ""]
         if s.extra.get("command"):
-            lines += [f"`{s.extra['command']}`", ""]
+            lines += [f"`{(s.extra['env'] + ' ') if s.extra.get('env') else ''}{s.extra['command']}`", ""]
         lines += ["```", s.detail or "(no output)", "```"]
     if benchmarks:
         lines += ["", "## Benchmarks (median; ratios from each benchmark's own reference)", "",
@@ -182,45 +301,87 @@ def write_report(path: Path, info: dict[str, str], steps: list[Step], profile: d
     if profile:
         sh = profile["shape"]
         lines += ["", f"## Synthetic MMT run ({sh['arch']}, {sh['height']}x{sh['width']}, batch {sh['batch']}, "
-                  f"{sh['views']} views, {sh['iters']} steps, {sh['device']})", "", _profile_section(profile)]
+                  f"{sh['views']} views, {sh['iters']} steps per policy, {sh['device']})", "", _profile_section(profile)]
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
 
 
+def unusable_gpu_report(out: Path, gpus: list[str], env: str) -> str:
+    """The report when the driver lists a GPU but this Python's torch cannot use it (or has none)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as err:
+        reason = f"{sys.executable} cannot import torch ({err})"
+        info = {"python": f"{sys.version.split()[0]} ({sys.executable})", "torch": "not importable"}
+    else:
+        from fastmmt.train.runtime import cuda_unusable_reason
+
+        reason = cuda_unusable_reason()
+        info = versions()
+    hint = ("run `bash scripts/gpu_check.sh --system` to use the machine's own python3" if env == "venv"
+            else "set FASTMMT_PYTHON to a Python whose torch is a CUDA build")
+    verdict = (f"FAIL: nvidia-smi lists {len(gpus)} GPU(s) ({gpus[0]}) but {reason}. Nothing on the GPU was "
+               f"checked; {hint}.")
+    part = Part("CUDA torch", FAIL, reason)
+    return write_report(out / "REPORT.md", info, [], part_list=[part], verdict=verdict)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu_check", help="report folder (relative to the repository)")
-    p.add_argument("--quick", action="store_true", help="leave the slow tests out of the suite")
-    p.add_argument("--iters", type=int, default=20, help="training steps of the profiled MMT run")
+    p.add_argument("--quick", action="store_true", help="leave the slow tests and the CPU-only benchmark rows out")
+    p.add_argument("--iters", type=int, default=20, help="training steps of each profiled MMT run")
+    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                   help="test processes (pytest-xdist, where installed)")
+    p.add_argument("--env", choices=("venv", "system"), default="venv",
+                   help="set by scripts/gpu_check.sh: which Python runs the check")
     args = p.parse_args(argv)
-    import torch
-
-    if not torch.cuda.is_available():
-        print(NO_CUDA)
-        return 0
     out = ROOT / args.out
+    gpus = listed_nvidia_gpus()
+    try:
+        import torch
+        usable = torch.cuda.is_available()
+    except ImportError:
+        usable = False
+    if not usable:
+        if not gpus:
+            print(NO_CUDA)
+            return 0
+        out.mkdir(parents=True, exist_ok=True)
+        text = unusable_gpu_report(out, gpus, args.env)
+        print(next(ln for ln in text.splitlines() if ln.startswith("**FAIL")).strip("*"))
+        print(f"gpu_check: report: {out / 'REPORT.md'}")
+        return 1
     out.mkdir(parents=True, exist_ok=True)
     info = versions()
+    info["check run by"] = f"{args.env} ({sys.executable})"
+    t_all = time.perf_counter()
     steps = [build_step(out)]
-    suite = [sys.executable, "-m", "pytest", "tests", "-q", "-ra", f"--junitxml={out / 'tests.xml'}"]
-    steps.append(run_step("test suite", suite + (["-m", "not slow"] if args.quick else []), log_dir=out))
-    sweep = [sys.executable, "-m", "fastmmt.tools.kernel_sweep", "--n", "65", "--d", "129", "--k", "1025"]
-    steps.append(run_step("compute-sanitizer memcheck",
-                          ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", *sweep], log_dir=out))
+    suite = run_step("test suite", suite_command(out, args.quick, args.jobs), log_dir=out)
+    suite.extra["counts"] = junit_counts(out / "tests.xml")
+    steps.append(suite)
+    steps.append(sanitizer_step(out))
     bench_json = out / "bench.json"
-    steps.append(run_step("benchmarks", [sys.executable, "-m", "pytest", *BENCHES, "-q",
-                                         f"--benchmark-json={bench_json}"], log_dir=out))
+    bench_cmd = [sys.executable, "-m", "pytest", *BENCHES, "-q", "-p", "no:cacheprovider",
+                 f"--benchmark-json={bench_json}"] + (["-k", QUICK_BENCH_FILTER] if args.quick else [])
+    steps.append(run_step("benchmarks", bench_cmd, log_dir=out))
     benchmarks = summarize_benchmarks(json.loads(bench_json.read_text())) if bench_json.exists() else None
     run_dir = out / "mmt_run"
     steps.append(run_step("synthetic MMT run", [sys.executable, "-m", "fastmmt.tools.gpu_profile", "--out",
                                                 str(run_dir), "--iters", str(args.iters)], log_dir=out))
     prof_json = run_dir / "profile.json"
     profile = json.loads(prof_json.read_text()) if prof_json.exists() else None
-    write_report(out / "REPORT.md", info, steps, profile, benchmarks)
-    print(f"gpu_check: {sum(s.ok is True for s in steps)}/{len(steps)} steps passed; report: {out / 'REPORT.md'}")
-    return 0 if all(s.ok for s in steps) else 1
+    part_list = parts({s.name: s for s in steps}, profile, info)
+    failed = [s.name for s in steps if s.ok is False] + [p.name for p in part_list if p.status == FAIL]
+    missing = [p.name for p in part_list if p.status == NOT_INSTALLED]
+    verdict = (f"{'FAIL: ' + '; '.join(dict.fromkeys(failed)) if failed else 'PASS'}"
+               f"{' (not installed here: ' + ', '.join(missing) + ')' if missing else ''}; "
+               f"{time.perf_counter() - t_all:.0f} s in all")
+    write_report(out / "REPORT.md", info, steps, profile, benchmarks, part_list, verdict)
+    print(f"gpu_check: {verdict}; report: {out / 'REPORT.md'}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

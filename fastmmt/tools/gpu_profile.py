@@ -2,14 +2,18 @@
 
 ``python -m fastmmt.tools.gpu_profile --out DIR`` generates the synthetic domains at 256 x 128,
 pre-trains two ResNet-50s for a few iterations (source only), then runs one MMT epoch (k-means,
-batch 64 = 16 ids x 4, two views) under ``torch.cuda.set_sync_debug_mode("warn")`` and
-``torch.profiler``. It writes ``DIR/profile.json``: which backend ran for the losses, the EMA,
-the data and the clustering (from the kernels the profiler saw where they leave a trace),
-host syncs per training step (with the lines that caused them) and seconds per phase.
+batch 64 = 16 ids x 4, two views) once per non-finite policy (``stop``, then ``skip``: its step
+keeps the mean-teacher alpha on the device). Host syncs are counted with
+``torch.cuda.set_sync_debug_mode("warn")`` switched on inside each training step only, so
+extraction, k-means++ seeding and evaluation, which may read the device, do not count; the
+``stop`` run is also profiled (``torch.profiler``). ``DIR/profile.json`` holds which backend ran
+for the losses, the EMA, the data (the loader the trainer built) and the clustering, the step's
+syncs per policy with the lines that caused them, and seconds per phase.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -77,14 +81,51 @@ def _options(out: Path, iters: int, shape: dict):
     return o
 
 
-def run(out: Path, iters: int = 20, shape: dict = PAPER) -> dict:
-    """Pre-train briefly, then one profiled MMT epoch; returns (and writes) the summary. Sync
-    debugging and the CUDA profiler activity are on when CUDA is there."""
+POLICIES = ("stop", "skip")
+
+
+@contextlib.contextmanager
+def step_sync_debug(cuda: bool):
+    """Count host syncs inside the MMT training step only: patches the trainer's step to switch
+    sync debugging on around it. Yields ``(messages, seen)``: ``(message, "file:line")`` of every
+    warning raised in a step, and what the steps used (``steps``, the loader class, EMA backend)."""
+    import torch
+
+    from fastmmt.train import mmt
+
+    messages: list[tuple[str, str]] = []
+    seen: dict = {"steps": 0, "loader": None, "ema_backend": None}
+    original = mmt._Adapt.step
+
+    def step(self, *args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode(0)
+                seen["steps"] += 1
+                seen["loader"] = type(self.loader).__name__
+                seen["ema_backend"] = (self.info or {}).get("ema_backend")
+                messages.extend((str(w.message), f"{w.filename}:{w.lineno}") for w in caught)
+
+    mmt._Adapt.step = step
+    try:
+        yield messages, seen
+    finally:
+        mmt._Adapt.step = original
+
+
+def run(out: Path, iters: int = 20, shape: dict = PAPER, policies: tuple[str, ...] = POLICIES) -> dict:
+    """Pre-train briefly, then one MMT epoch per non-finite policy (the first profiled); returns
+    (and writes) the summary."""
     import torch
 
     from fastmmt.cluster.kmeans import resolve_kmeans_backend
     from fastmmt.data import generate_domains, load_dataset
-    from fastmmt.data.factory import resolve_data_backend
     from fastmmt.train.mmt import adapt
     from fastmmt.train.pretrain import pretrain
 
@@ -100,23 +141,26 @@ def run(out: Path, iters: int = 20, shape: dict = PAPER) -> dict:
     inits = [pretrain(source, None, o, seed=s, out_dir=out / "pretrain" / f"seed{s}").model_path for s in (1, 2)]
     phases["pretrain_seconds"] = time.perf_counter() - t0
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if cuda:
-            torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with torch.profiler.profile(activities=activities) as prof:
-                res = adapt(target, inits, o, out / "mmt")
-        finally:
-            if cuda:
-                torch.cuda.set_sync_debug_mode(0)
-    phases.update(res.seconds)  # extract, cluster, train, eval (seconds, MMT epoch)
+    step_syncs, prof, used = {}, None, {}
+    for i, policy in enumerate(policies):
+        o.run.on_nonfinite = policy
+        with step_sync_debug(cuda) as (messages, seen):
+            if i == 0:
+                with torch.profiler.profile(activities=activities) as prof:
+                    res = adapt(target, inits, o, out / f"mmt_{policy}")
+                phases.update(res.seconds)  # extract, cluster, train, eval (seconds, MMT epoch)
+            else:
+                adapt(target, inits, o, out / f"mmt_{policy}")
+        step_syncs[policy] = summarize_syncs(messages, seen["steps"])
+        used[policy] = {"loader": seen["loader"], "ema_backend": seen["ema_backend"]}
+    loader = used[policies[0]]["loader"] or ""
     summary = {
         "shape": {**shape, "views": 2, "iters": iters, "device": "cuda" if cuda else "cpu"},
-        "backends": {"data": resolve_data_backend(o.data.backend),
-                     "clustering": resolve_kmeans_backend(o.adapt.cluster_backend)},
+        "backends": {"data": "dali" if loader.startswith("Dali") else "torch",
+                     "clustering": resolve_kmeans_backend(o.adapt.cluster_backend),
+                     **{f"EMA ({p})": u["ema_backend"] for p, u in used.items()}},
         "profile": summarize_profile(profile_rows(prof)),
-        "syncs": summarize_syncs([(str(w.message), f"{w.filename}:{w.lineno}") for w in caught], iters),
+        "step_syncs": step_syncs,
         "seconds": phases,
     }
     (out / "profile.json").write_text(json.dumps(summary, indent=2, default=str))

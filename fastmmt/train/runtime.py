@@ -5,29 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
-import subprocess
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from fastmmt.machine import listed_nvidia_gpus
 from fastmmt.train import distributed as ddp
 from fastmmt.train.distributed import DistContext
 from fastmmt.train.options import ExperimentOptions, check_options
-
-
-def listed_nvidia_gpus() -> list[str]:
-    """The GPUs ``nvidia-smi -L`` lists (``GPU 0: NVIDIA H100 ...``); empty without the tool or a GPU."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [ln.strip() for ln in out.stdout.splitlines() if ln.startswith("GPU ")] if out.returncode == 0 else []
 
 
 def cuda_unusable_reason() -> str:
