@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -189,17 +190,21 @@ def test_parts_say_what_ran_and_what_is_not_installed():
 
 def test_sanitizer_runs_without_the_caching_allocator(monkeypatch):
     seen = {}
-
-    def fake_run(cmd, cwd, env, **kw):
-        seen.update(cmd=cmd, env=env)
-        return subprocess.CompletedProcess(cmd, 0, "ok", "")
-
-    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/usr/bin/" + name)
-    monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
-    step = gpu_check.sanitizer_step(None)
-    assert step.ok and seen["env"]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
+    monkeypatch.setattr(gpu_check, "run_step", lambda name, cmd, env=None, **kw: seen.update(cmd=cmd, env=env))
+    gpu_check.sanitizer_step(None)
+    assert seen["env"] == {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
     assert seen["cmd"][:5] == ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1"]
     assert "fastmmt.tools.kernel_sweep" in seen["cmd"]
+
+
+def test_step_time_out_kills_the_whole_tree(tmp_path):
+    """A step past its time is killed with its children (xdist workers): the check goes on."""
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+             "print('started', flush=True); time.sleep(60)"
+    t0 = time.perf_counter()
+    step = gpu_check.run_step("slow", [sys.executable, "-c", script], timeout=2, log_dir=tmp_path)
+    assert time.perf_counter() - t0 < 20 and step.ok is False
+    assert "started" in step.detail and "timed out after 2 s (step killed)" in step.detail
 
 
 def test_suite_command_and_junit_counts(tmp_path):

@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +41,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCHES = ("bench/bench_mmt_loss.py", "bench/bench_ema.py", "bench/bench_pipelines.py")
 # --quick: the GPU rows only (the CPU references they compare against run inside each row)
 QUICK_BENCH_FILTER = "cuda or gpu"
+# Seconds each step may take: --quick must fit a short lease (all of it under 8 minutes on one H100).
+QUICK_LIMITS = {"build": 180, "suite": 240, "sanitizer": 120, "bench": 90, "mmt": 150}
+FULL_LIMITS = {"build": 600, "suite": 7200, "sanitizer": 1800, "bench": 3600, "mmt": 1800}
 NO_CUDA = "gpu_check: no NVIDIA GPU listed and no CUDA device visible to torch; nothing to check"
 PASS, FAIL, NOT_INSTALLED = "PASS", "FAIL", "NOT INSTALLED HERE"
 
@@ -116,12 +120,15 @@ def run_step(name: str, cmd: list[str], env: dict | None = None, timeout: float 
     t0 = time.perf_counter()
     if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
         return Step(name, None, 0.0, f"`{cmd[0]}` not found")
+    # its own process group: on a time-out the whole tree goes (pytest-xdist workers, compilers)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True,
-                              text=True, timeout=timeout)
-        output, ok = proc.stdout + proc.stderr, proc.returncode == 0
-    except subprocess.TimeoutExpired as err:
-        output, ok = f"timed out after {timeout:.0f} s\n{err.stdout or ''}{err.stderr or ''}", False
+        output, _ = proc.communicate(timeout=timeout)
+        ok = proc.returncode == 0
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, ok = f"{proc.communicate()[0]}\ntimed out after {timeout:.0f} s (step killed)", False
     if log_dir is not None:
         (log_dir / f"{name.replace(' ', '_')}.log").write_text(f"$ {' '.join(cmd)}\n{output}")
     extra = {"command": " ".join(cmd)}
@@ -138,11 +145,11 @@ def gpu_arch() -> str:
     return f"{major}.{minor}"
 
 
-def build_step(log_dir: Path) -> Step:
+def build_step(log_dir: Path, timeout: float = 600) -> Step:
     """Build the extension in place for this GPU and check, in a new process, that CUDA is in."""
     env = {"TORCH_CUDA_ARCH_LIST": gpu_arch(), "FASTMMT_CUDA": "1"}
     step = run_step("build extension", [sys.executable, "setup.py", "build_ext", "--inplace"], env,
-                    log_dir=log_dir)
+                    timeout=timeout, log_dir=log_dir)
     check = run_step("has_cuda", [sys.executable, "-c", "import fastmmt._C as c; print(c.has_cuda())"],
                      log_dir=log_dir)
     built = check.ok and check.detail.strip().splitlines()[-1:] == ["True"]
@@ -183,13 +190,13 @@ def junit_counts(path: Path) -> dict:
     return counts
 
 
-def sanitizer_step(log_dir: Path) -> Step:
+def sanitizer_step(log_dir: Path | None, timeout: float = 1800) -> Step:
     """compute-sanitizer memcheck over every Triton kernel; torch's caching allocator off, else an
     out-of-bounds tile lands inside a cached block and memcheck stays silent."""
     sweep = [sys.executable, "-m", "fastmmt.tools.kernel_sweep", "--n", "65", "--d", "129", "--k", "1025"]
     return run_step("compute-sanitizer memcheck",
                     ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", *sweep],
-                    env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, log_dir=log_dir)
+                    env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, timeout=timeout, log_dir=log_dir)
 
 
 def summarize_benchmarks(data: dict) -> list[dict]:
@@ -357,31 +364,44 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     info = versions()
     info["check run by"] = f"{args.env} ({sys.executable})"
+    limits = QUICK_LIMITS if args.quick else FULL_LIMITS
     t_all = time.perf_counter()
-    steps = [build_step(out)]
-    suite = run_step("test suite", suite_command(out, args.quick, args.jobs), log_dir=out)
+    steps: list[Step] = []
+
+    def report(profile: dict | None = None, benchmarks: list[dict] | None = None, done: bool = False) -> str:
+        """The report so far (rewritten after every step: a run cut short still leaves one)."""
+        part_list = parts({s.name: s for s in steps}, profile, info) if done else []
+        failed = [s.name for s in steps if s.ok is False] + [p.name for p in part_list if p.status == FAIL]
+        missing = [p.name for p in part_list if p.status == NOT_INSTALLED]
+        verdict = ((f"FAIL: {'; '.join(dict.fromkeys(failed))}" if failed else "PASS" if done else "RUNNING")
+                   + (f" (not installed here: {', '.join(missing)})" if missing else "")
+                   + f"; {time.perf_counter() - t_all:.0f} s in all")
+        write_report(out / "REPORT.md", info, steps, profile, benchmarks, part_list, verdict)
+        return verdict
+
+    steps.append(build_step(out, limits["build"]))
+    report()
+    suite = run_step("test suite", suite_command(out, args.quick, args.jobs), timeout=limits["suite"], log_dir=out)
     suite.extra["counts"] = junit_counts(out / "tests.xml")
     steps.append(suite)
-    steps.append(sanitizer_step(out))
+    report()
+    steps.append(sanitizer_step(out, limits["sanitizer"]))
+    report()
     bench_json = out / "bench.json"
     bench_cmd = [sys.executable, "-m", "pytest", *BENCHES, "-q", "-p", "no:cacheprovider",
                  f"--benchmark-json={bench_json}"] + (["-k", QUICK_BENCH_FILTER] if args.quick else [])
-    steps.append(run_step("benchmarks", bench_cmd, log_dir=out))
+    steps.append(run_step("benchmarks", bench_cmd, timeout=limits["bench"], log_dir=out))
     benchmarks = summarize_benchmarks(json.loads(bench_json.read_text())) if bench_json.exists() else None
+    report(benchmarks=benchmarks)
     run_dir = out / "mmt_run"
     steps.append(run_step("synthetic MMT run", [sys.executable, "-m", "fastmmt.tools.gpu_profile", "--out",
-                                                str(run_dir), "--iters", str(args.iters)], log_dir=out))
+                                                str(run_dir), "--iters", str(args.iters)],
+                          timeout=limits["mmt"], log_dir=out))
     prof_json = run_dir / "profile.json"
     profile = json.loads(prof_json.read_text()) if prof_json.exists() else None
-    part_list = parts({s.name: s for s in steps}, profile, info)
-    failed = [s.name for s in steps if s.ok is False] + [p.name for p in part_list if p.status == FAIL]
-    missing = [p.name for p in part_list if p.status == NOT_INSTALLED]
-    verdict = (f"{'FAIL: ' + '; '.join(dict.fromkeys(failed)) if failed else 'PASS'}"
-               f"{' (not installed here: ' + ', '.join(missing) + ')' if missing else ''}; "
-               f"{time.perf_counter() - t_all:.0f} s in all")
-    write_report(out / "REPORT.md", info, steps, profile, benchmarks, part_list, verdict)
+    verdict = report(profile, benchmarks, done=True)
     print(f"gpu_check: {verdict}; report: {out / 'REPORT.md'}")
-    return 1 if failed else 0
+    return 0 if verdict.startswith("PASS") else 1
 
 
 if __name__ == "__main__":
