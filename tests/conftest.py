@@ -44,14 +44,26 @@ CPU_TOL = Tol(loss=2e-5, grad=1e-4, tie_gap=1e-5)
 CUDA_TOL = Tol(loss=1e-4, grad=2e-4, tie_gap=1e-5 * 10)
 
 
+def _dali_missing() -> str | None:
+    """Why NVIDIA DALI cannot be used here (None when it imports)."""
+    from fastmmt.data.factory import _dali_import_error
+
+    err = _dali_import_error()
+    return None if err is None else f"{type(err).__name__}: {err}"
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skip ``gpu`` tests without CUDA, saying so (they are never counted as passed here)."""
-    if ON_CUDA:
-        return
-    skip = pytest.mark.skip(reason="gpu: needs a CUDA device (run scripts/gpu_check.sh on one)")
+    """Skip ``gpu`` tests without CUDA and ``dali`` tests without DALI (a GPU machine with no
+    package registry may lack it), saying so: they are never counted as passed there."""
+    skip_gpu = pytest.mark.skip(reason="gpu: needs a CUDA device (run scripts/gpu_check.sh on one)")
+    dali_tests = [item for item in items if "dali" in item.keywords]
+    missing = _dali_missing() if dali_tests else None
+    skip_dali = pytest.mark.skip(reason=f"dali: NVIDIA DALI is not installed here ({missing})")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not ON_CUDA:
+            item.add_marker(skip_gpu)
+        if missing is not None and "dali" in item.keywords:
+            item.add_marker(skip_dali)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,8 @@ from fastmmt.data import ImageRecord
 from fastmmt.data.dali import DaliTrainLoader
 from fastmmt.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, batch_views
 
+pytestmark = pytest.mark.dali  # skipped, with the reason, where DALI is not installed
+
 H, W, PAD = 32, 16, 10
 BLUE = 200
 MEAN = np.array(IMAGENET_MEAN).reshape(3, 1, 1)

@@ -18,6 +18,8 @@ from fastmmt.data.dali import DaliTestLoader, DaliTrainLoader
 from fastmmt.data.sampler import BatchPlanner
 from fastmmt.data.factory import build_test_loader, build_train_loader, resolve_data_backend
 
+pytestmark = pytest.mark.dali  # skipped, with the reason, where DALI is not installed
+
 H, W = 32, 16
 OUT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the default loaders put images
 

@@ -25,6 +25,8 @@ from fastmmt.data.augment import AugmentSpec, batch_views
 from fastmmt.data.dali_ops import train_pipeline, view_columns
 from fastmmt.data.transforms import normalize, resize_to_tensor
 
+pytestmark = pytest.mark.dali  # skipped, with the reason, where DALI is not installed
+
 RESIZE_MAX, RESIZE_MEAN = 0.105, 0.008
 GPU_JPEG_SLACK = 2 / (255 * 0.225)
 ON_GPU = pytest.param("gpu", marks=pytest.mark.gpu)

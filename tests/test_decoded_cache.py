@@ -174,6 +174,7 @@ def test_input_size_cache_refuses_other_sizes_and_decoders(dataset):
     assert build_decoded_cache(dataset, backend="torch", input_size=(H, W)).resized.all()
 
 
+@pytest.mark.dali
 def test_memory_bound_and_errors_are_named(dataset, tmp_path):
     need = len(dataset) * SH * SW * 3
     DecodedImageCache(paths_of(dataset), max_bytes=need)  # exactly fits
@@ -212,6 +213,7 @@ def test_available_memory_is_read_from_the_kernel():
     assert abs(cache_mod.available_memory_bytes() - kib * 1024) < 2**30  # moments apart
 
 
+@pytest.mark.dali
 def test_dali_loaders_same_batches_with_and_without_cache(dataset, monkeypatch):
     labels = labels_of(dataset)
     cache = build_decoded_cache(dataset, backend="dali", dali_device="cpu")
@@ -232,6 +234,7 @@ def test_dali_loaders_same_batches_with_and_without_cache(dataset, monkeypatch):
         assert torch.equal(ip, ic) and torch.equal(xp, xc)
 
 
+@pytest.mark.dali
 def test_dali_cache_holds_dalis_own_decoding(dataset):
     cache = build_decoded_cache(dataset[:8], backend="dali", dali_device="cpu")
     DaliTestLoader(dataset[:8], H, W, batch_size=4, device="cpu", decoded_cache=cache)._fill_decoded(4)
@@ -247,6 +250,7 @@ def truncate(path: str) -> None:
     open(path, "wb").write(data[: len(data) // 2])
 
 
+@pytest.mark.dali
 def test_dali_unreadable_image_same_policy_with_cache(dataset):
     bad = 7
     truncate(dataset[bad].path)
@@ -280,6 +284,7 @@ def test_dali_gpu_same_batches_with_and_without_cache(dataset):
         assert_same_batches(list(cached.epoch(epoch, 4)), list(plain.epoch(epoch, 4)))
 
 
+@pytest.mark.dali
 def test_gpu_graphs_with_decoded_input_are_defined_without_a_gpu():
     """No CUDA driver here: DALI defines and serialises the GPU graphs fed from the cache (no
     decoder; the stored images move to the GPU before the resize) and the filling graph

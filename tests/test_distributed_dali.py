@@ -34,6 +34,8 @@ from fastmmt.data import generate_domains, load_dataset
 from fastmmt.train import pretrain
 from test_train_e2e import tiny_options
 
+pytestmark = pytest.mark.dali  # skipped, with the reason, where DALI is not installed
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 RUNS = ("torch:0", "dali:0", "torch:1", "dali:1")  # backend : data.augment

@@ -11,9 +11,10 @@ tail, none stopping the others:
 4. ``compute-sanitizer --tool memcheck`` on :mod:`fastmmt.tools.kernel_sweep` (every Triton
    kernel forward and backward at N 65, D 129, K 1025) with torch's caching allocator off, so an
    out-of-bounds tile is outside any allocation;
-5. the loss, EMA and pipeline benchmarks against their references (pytest-benchmark JSON);
-6. :mod:`fastmmt.tools.gpu_profile`: a synthetic MMT run at the paper's shape, once per
-   non-finite policy, with host syncs counted inside the training step only.
+5. :mod:`fastmmt.tools.gpu_profile`: a synthetic MMT run at the paper's shape, once per
+   non-finite policy, with host syncs counted inside the training step only;
+6. the loss, EMA and pipeline benchmarks against their references (pytest-benchmark JSON;
+   ``--quick``: the GPU rows only).
 
 The report's "Parts" table says of each GPU part: PASS, FAIL or NOT INSTALLED HERE. The exit code
 is 0 only when every part that is installed passed: a GPU the driver lists but torch cannot use,
@@ -42,8 +43,9 @@ BENCHES = ("bench/bench_mmt_loss.py", "bench/bench_ema.py", "bench/bench_pipelin
 # --quick: the GPU rows only (the CPU references they compare against run inside each row)
 QUICK_BENCH_FILTER = "cuda or gpu"
 # Seconds each step may take: --quick must fit a short lease (all of it under 8 minutes on one H100).
-QUICK_LIMITS = {"build": 180, "suite": 240, "sanitizer": 120, "bench": 90, "mmt": 150}
+QUICK_LIMITS = {"build": 150, "suite": 180, "sanitizer": 90, "mmt": 150, "bench": 60}
 FULL_LIMITS = {"build": 600, "suite": 7200, "sanitizer": 1800, "bench": 3600, "mmt": 1800}
+SANITIZER_FALLBACK = "/usr/local/cuda/bin/compute-sanitizer"  # the toolkit's, when not on PATH
 NO_CUDA = "gpu_check: no NVIDIA GPU listed and no CUDA device visible to torch; nothing to check"
 PASS, FAIL, NOT_INSTALLED = "PASS", "FAIL", "NOT INSTALLED HERE"
 
@@ -194,8 +196,8 @@ def sanitizer_step(log_dir: Path | None, timeout: float = 1800) -> Step:
     """compute-sanitizer memcheck over every Triton kernel; torch's caching allocator off, else an
     out-of-bounds tile lands inside a cached block and memcheck stays silent."""
     sweep = [sys.executable, "-m", "fastmmt.tools.kernel_sweep", "--n", "65", "--d", "129", "--k", "1025"]
-    return run_step("compute-sanitizer memcheck",
-                    ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", *sweep],
+    tool = shutil.which("compute-sanitizer") or SANITIZER_FALLBACK
+    return run_step("compute-sanitizer memcheck", [tool, "--tool", "memcheck", "--error-exitcode", "1", *sweep],
                     env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, timeout=timeout, log_dir=log_dir)
 
 
@@ -387,18 +389,18 @@ def main(argv: list[str] | None = None) -> int:
     report()
     steps.append(sanitizer_step(out, limits["sanitizer"]))
     report()
-    bench_json = out / "bench.json"
-    bench_cmd = [sys.executable, "-m", "pytest", *BENCHES, "-q", "-p", "no:cacheprovider",
-                 f"--benchmark-json={bench_json}"] + (["-k", QUICK_BENCH_FILTER] if args.quick else [])
-    steps.append(run_step("benchmarks", bench_cmd, timeout=limits["bench"], log_dir=out))
-    benchmarks = summarize_benchmarks(json.loads(bench_json.read_text())) if bench_json.exists() else None
-    report(benchmarks=benchmarks)
     run_dir = out / "mmt_run"
     steps.append(run_step("synthetic MMT run", [sys.executable, "-m", "fastmmt.tools.gpu_profile", "--out",
                                                 str(run_dir), "--iters", str(args.iters)],
                           timeout=limits["mmt"], log_dir=out))
     prof_json = run_dir / "profile.json"
     profile = json.loads(prof_json.read_text()) if prof_json.exists() else None
+    report(profile)
+    bench_json = out / "bench.json"
+    bench_cmd = [sys.executable, "-m", "pytest", *BENCHES, "-q", "-p", "no:cacheprovider",
+                 f"--benchmark-json={bench_json}"] + (["-k", QUICK_BENCH_FILTER] if args.quick else [])
+    steps.append(run_step("benchmarks", bench_cmd, timeout=limits["bench"], log_dir=out))
+    benchmarks = summarize_benchmarks(json.loads(bench_json.read_text())) if bench_json.exists() else None
     verdict = report(profile, benchmarks, done=True)
     print(f"gpu_check: {verdict}; report: {out / 'REPORT.md'}")
     return 0 if verdict.startswith("PASS") else 1
