@@ -43,7 +43,7 @@ BENCHES = ("bench/bench_mmt_loss.py", "bench/bench_ema.py", "bench/bench_pipelin
 # --quick: the GPU rows only (the CPU references they compare against run inside each row)
 QUICK_BENCH_FILTER = "cuda or gpu"
 # Seconds each step may take: --quick must fit a short lease (all of it under 8 minutes on one H100).
-QUICK_LIMITS = {"build": 150, "suite": 180, "sanitizer": 90, "mmt": 150, "bench": 60}
+QUICK_LIMITS = {"build": 90, "suite": 180, "sanitizer": 60, "mmt": 100, "bench": 50}
 FULL_LIMITS = {"build": 600, "suite": 7200, "sanitizer": 1800, "bench": 3600, "mmt": 1800}
 SANITIZER_FALLBACK = "/usr/local/cuda/bin/compute-sanitizer"  # the toolkit's, when not on PATH
 NO_CUDA = "gpu_check: no NVIDIA GPU listed and no CUDA device visible to torch; nothing to check"
