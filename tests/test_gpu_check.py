@@ -254,3 +254,20 @@ def test_profiled_run_end_to_end_in_miniature(tmp_path):
     assert s["backends"]["clustering"] in ("faiss", "faiss-gpu") and s["seconds"]["train"] > 0
     assert s["seconds"]["pretrain_seconds"] > 0 and s["backends"]["EMA (skip)"] == "foreach"
     assert s["profile"]["top"] and s["profile"]["loss_backend"] in ("triton", "not seen (torch ops)")
+
+
+def test_dev_sh_keeps_python3s_cuda_torch(tmp_path):
+    """``scripts/dev.sh`` links python3's torch into .venv when it is a CUDA build (instead of
+    installing the CPU wheel over it) and links nothing for a CPU build or no torch."""
+    def site_for(cuda: str | None) -> str:
+        site = tmp_path / str(cuda) / "site"
+        (site / "torch").mkdir(parents=True)
+        (site / "torch" / "__init__.py").write_text(f"__version__ = '2.11.0'\nclass version:\n    cuda = {cuda!r}\n")
+        env = {**os.environ, "PYTHONPATH": str(site)}
+        out = subprocess.run(["bash", "scripts/dev.sh", "system-torch"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert site_for("13.0") == str(tmp_path / "13.0" / "site")
+    assert site_for(None) == ""
