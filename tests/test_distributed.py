@@ -352,7 +352,8 @@ net = ddp.wrap_ddp(torch.nn.Linear(3, 2), ctx)  # DDP imports torch.distributed.
 before = native_threads()
 del net
 ddp.cleanup()
-print("RANK", ctx.rank, "BEFORE", before, "AFTER", native_threads(), flush=True)
+# one write per rank (a short line is atomic on a pipe): print's separate pieces interleaved between ranks
+print(f"RANK {ctx.rank} BEFORE {before} AFTER {native_threads()}", flush=True)
 """
 
 
