@@ -2,7 +2,8 @@
 
 Every op takes ``backend``: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else
 torch), ``"torch"`` (the reference in :mod:`fastmmt.ops.reference`) or ``"triton"``.
-:mod:`fastmmt.ops.compat` holds drop-in modules with the signatures of MMT's own loss classes.
+:mod:`fastmmt.ops.compat` holds the loss modules, with the signatures of MMT's own classes (also
+exported here); the functions are fastmmt's own calls.
 """
 from fastmmt.ops._dispatch import resolve_backend
 from fastmmt.ops.ema import ema_alpha, ema_update_, ema_update_module_
@@ -15,18 +16,13 @@ from fastmmt.ops.losses import (
     softmax_triplet_loss,
     triplet_pair_losses,
 )
+from fastmmt.ops.compat import CrossEntropyLabelSmooth, SoftEntropy, SoftTripletLoss, TripletLoss
 from fastmmt.ops.mmt_loss import MMTLossOutput, mmt_loss
-from fastmmt.ops.modules import (
-    CrossEntropyLabelSmooth,
-    MMTLoss,
-    SoftEntropy,
-    SoftmaxTripletLoss,
-    SoftSoftmaxTripletLoss,
-)
+from fastmmt.ops.modules import MMTLoss
 
 __all__ = [
-    "CrossEntropyLabelSmooth", "MMTLoss", "MMTLossOutput", "SoftEntropy", "SoftmaxTripletLoss",
-    "SoftSoftmaxTripletLoss", "cross_entropy_label_smooth", "ema_alpha", "ema_update_",
+    "CrossEntropyLabelSmooth", "MMTLoss", "MMTLossOutput", "SoftEntropy", "SoftTripletLoss", "TripletLoss",
+    "cross_entropy_label_smooth", "ema_alpha", "ema_update_",
     "ema_update_module_",
     "logits_pair_losses", "mmt_loss", "pairwise_euclidean", "resolve_backend", "soft_entropy",
     "soft_softmax_triplet_loss", "softmax_triplet_loss", "triplet_pair_losses",

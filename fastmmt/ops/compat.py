@@ -39,15 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmmt.ops import reference as ref
-from fastmmt.ops._dispatch import resolve_backend
+from fastmmt.ops._dispatch import resolve_backend, triton_ops
 
 __all__ = ["CrossEntropyLabelSmooth", "SoftEntropy", "SoftTripletLoss", "TripletLoss", "clear_mining_cache"]
 
-
-def _triton():
-    from fastmmt.ops import triton_ops  # lazy: importing triton needs a GPU or the interpreter
-
-    return triton_ops
 
 
 # ---- shared batch-hard mining (torch backend) ---------------------------------------------------
@@ -192,7 +187,7 @@ class CrossEntropyLabelSmooth(nn.Module):
         _check_features("inputs", inputs)
         _check_batch_labels(targets, inputs.shape[0], "targets")
         if resolve_backend(self.backend, inputs) == "triton":
-            return _triton().cross_entropy_label_smooth(inputs, targets, self.epsilon, self.num_classes,
+            return triton_ops().cross_entropy_label_smooth(inputs, targets, self.epsilon, self.num_classes,
                                                         check_labels=False)
         return ref.cross_entropy_label_smooth(inputs, targets, self.epsilon, self.num_classes)
 
@@ -212,7 +207,7 @@ class SoftEntropy(nn.Module):
         if targets.shape != inputs.shape:
             raise ValueError(f"targets has shape {tuple(targets.shape)} but inputs has {tuple(inputs.shape)}")
         if resolve_backend(self.backend, inputs) == "triton":
-            return _triton().soft_entropy(inputs, targets)
+            return triton_ops().soft_entropy(inputs, targets)
         return ref.soft_entropy(inputs, targets)
 
 
@@ -236,7 +231,7 @@ class TripletLoss(nn.Module):
         _check_batch_labels(label, emb.shape[0])
         x = _normalized(emb, self.normalize_feature)
         if resolve_backend(self.backend, emb) == "triton":
-            return _triton().margin_triplet_loss(x, label, self.margin)
+            return triton_ops().margin_triplet_loss(x, label, self.margin)
         d_ap, d_an, m = _mined_distances(emb, x, label, self.normalize_feature)
         per_row = (d_ap - d_an + self.margin).clamp_min(0.0)
         loss = torch.where(m.has_neg, per_row, torch.zeros_like(per_row)).mean()
@@ -270,8 +265,8 @@ class SoftTripletLoss(nn.Module):
             t = _normalized(emb2.detach(), self.normalize_feature)
         if resolve_backend(self.backend, emb1) == "triton":
             if t is None:
-                return _triton().margin_softmax_triplet_loss(x, label, self.margin)[0]
-            return _triton().soft_softmax_triplet_loss(x, t, label)
+                return triton_ops().margin_softmax_triplet_loss(x, label, self.margin)[0]
+            return triton_ops().soft_softmax_triplet_loss(x, t, label)
         d_ap, d_an, m = _mined_distances(emb1, x, label, self.normalize_feature)
         if t is None:
             w: torch.Tensor | float = self.margin

@@ -8,13 +8,8 @@ from __future__ import annotations
 import torch
 
 from fastmmt.ops import reference as ref
-from fastmmt.ops._dispatch import float32_region, resolve_backend
+from fastmmt.ops._dispatch import float32_region, resolve_backend, triton_ops
 
-
-def _triton():
-    from fastmmt.ops import triton_ops  # lazy: importing triton needs a GPU or the interpreter
-
-    return triton_ops
 
 
 @float32_region
@@ -29,7 +24,7 @@ def cross_entropy_label_smooth(
     makes the Triton loss NaN instead of raising. The torch backend's indexing always checks.
     """
     if resolve_backend(backend, logits) == "triton":
-        return _triton().cross_entropy_label_smooth(logits, labels, epsilon, check_labels=check_labels)
+        return triton_ops().cross_entropy_label_smooth(logits, labels, epsilon, check_labels=check_labels)
     return ref.cross_entropy_label_smooth(logits, labels, epsilon)
 
 
@@ -37,7 +32,7 @@ def cross_entropy_label_smooth(
 def soft_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Soft cross-entropy of the student against the (detached) teacher's softmax."""
     if resolve_backend(backend, student_logits) == "triton":
-        return _triton().soft_entropy(student_logits, teacher_logits)
+        return triton_ops().soft_entropy(student_logits, teacher_logits)
     return ref.soft_entropy(student_logits, teacher_logits)
 
 
@@ -45,7 +40,7 @@ def soft_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, bac
 def pairwise_euclidean(x: torch.Tensor, y: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Pairwise Euclidean distances ``sqrt(clamp(|a|^2+|b|^2-2ab, 1e-12))``."""
     if resolve_backend(backend, x) == "triton":
-        return _triton().pairwise_euclidean(x, y)
+        return triton_ops().pairwise_euclidean(x, y)
     return ref.pairwise_euclidean(x, y)
 
 
@@ -53,7 +48,7 @@ def pairwise_euclidean(x: torch.Tensor, y: torch.Tensor | None = None, backend: 
 def softmax_triplet_loss(features: torch.Tensor, labels: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Hard softmax-triplet (margin 0) with batch-hard mining on the features' own distances."""
     if resolve_backend(backend, features) == "triton":
-        return _triton().softmax_triplet_loss(features, labels)
+        return triton_ops().softmax_triplet_loss(features, labels)
     return ref.softmax_triplet_loss(features, labels)
 
 
@@ -63,7 +58,7 @@ def soft_softmax_triplet_loss(
 ) -> torch.Tensor:
     """Soft softmax-triplet: teacher distances at the student-mined pairs give the soft target."""
     if resolve_backend(backend, student_features) == "triton":
-        return _triton().soft_softmax_triplet_loss(student_features, teacher_features, labels)
+        return triton_ops().soft_softmax_triplet_loss(student_features, teacher_features, labels)
     return ref.soft_softmax_triplet_loss(student_features, teacher_features, labels)
 
 
@@ -73,7 +68,7 @@ def triplet_pair_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(hard, soft) softmax-triplet terms of one student, computed from one distance matrix."""
     if resolve_backend(backend, student_features) == "triton":
-        return _triton().triplet_pair_losses(student_features, teacher_features, labels)
+        return triton_ops().triplet_pair_losses(student_features, teacher_features, labels)
     return ref.triplet_pair_losses(student_features, teacher_features, labels)
 
 
@@ -85,5 +80,5 @@ def logits_pair_losses(
     """(label-smoothed CE, soft entropy) of one student, in one pass over the logits when fused.
     ``check_labels``: as in :func:`cross_entropy_label_smooth`."""
     if resolve_backend(backend, student_logits) == "triton":
-        return _triton().logits_pair_losses(student_logits, teacher_logits, labels, epsilon, check_labels)
+        return triton_ops().logits_pair_losses(student_logits, teacher_logits, labels, epsilon, check_labels)
     return ref.logits_pair_losses(student_logits, teacher_logits, labels, epsilon)
