@@ -70,7 +70,7 @@ def jaccard_rows(v: CSR, num_rows: int, *, block_elems: int = 400_000,
     The distance is symmetric: a pair of two such points is evaluated once, in the row of the
     lower id, and mirrored (so the result is exactly symmetric there). Rows go in blocks whose
     dense accumulator (rows x N float64) holds about ``block_elems`` entries: small enough to
-    stay in cache (4M entries were 10-20% slower at N = 12,936)."""
+    stay in cache (bench/RESULTS.md has the block sizes tried)."""
     n = v.shape[1]
     vt, in_vt = v.transpose_with_positions()
     rowsum = np.bincount(np.repeat(np.arange(n), np.diff(v.indptr)), weights=v.data, minlength=n)

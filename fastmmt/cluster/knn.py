@@ -3,9 +3,9 @@
 The k-reciprocal encoding needs, per point, its k1+1 nearest points (itself first) and the
 largest distance in its row (the original algorithm divides each row by it). ``flat`` is exact:
 it computes each pair's distance once (the matrix is symmetric) in row strips, through FAISS's
-``pairwise_L2sqr`` for float32 CPU features (BLAS sgemm; at 12,936 x 2048 on one core of this
-CPU 6 s, against 9 s for FAISS ``IndexFlatL2``, which computes every pair twice, and 13 s for the
-former torch matmul + top-k over all pairs), and torch's matmul otherwise (float64, GPU).
+``pairwise_L2sqr`` for float32 CPU features (BLAS sgemm; faster than FAISS ``IndexFlatL2``, which
+computes every pair twice, and than torch's matmul + top-k over all pairs: bench/RESULTS.md), and
+torch's matmul otherwise (float64, GPU).
 ``hnsw`` is FAISS's approximate graph index for very large N; the row maximum then comes from
 an approximate maximum-inner-product search over the augmented vectors [x_j, |x_j|^2].
 """
@@ -100,7 +100,7 @@ def _strip(x: torch.Tensor, norms: torch.Tensor, s: int, e: int) -> torch.Tensor
     """Squared distances from rows s..e to rows s..N, clamped at 0, exact 0 to themselves.
 
     float32 CPU features use FAISS's ``pairwise_L2sqr`` (BLAS sgemm under FAISS's thread
-    setting; faster than torch's matmul on this CPU), others torch's matmul."""
+    setting; see bench/RESULTS.md), others torch's matmul."""
     n, d = x.shape
     if x.device.type == "cpu" and x.dtype == torch.float32:
         xs = x.detach().numpy()

@@ -32,7 +32,7 @@ BACKENDS = ("auto", "dali", "torch")
 
 
 def _dali_import_error() -> Exception | None:
-    """Why DALI does not import (None when it does); imported on first use (about 2 s)."""
+    """Why DALI does not import (None when it does); DALI is imported on first use (it is slow to import)."""
     from fastmmt.data.dali_ops import DALI_IMPORT_ERROR
     return DALI_IMPORT_ERROR
 

@@ -40,7 +40,7 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
     bit-identical to the DALI pipeline's normalisation).
 
     Computed with numpy: per-image work must not enter torch's intra-op thread pool, which
-    stalls badly when the cores are busy (measured 17x slower on a loaded 2-core machine).
+    stalls badly when the cores are busy (bench/RESULTS.md).
     """
     shift, scale = normalize_constants(mean, std)
     arr = x.numpy().astype(np.float32)
