@@ -137,6 +137,18 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from fastmmt.safe_load import convert_trusted_file
+
+    if not args.trust_file:
+        raise ValueError(f"convert loads {args.src} with a full pickle load, which runs any code stored in it: "
+                         f"pass --trust-file to confirm that you trust where {args.src} came from")
+    dropped = convert_trusted_file(args.src, args.dst)
+    print(f"{args.dst}: tensors and plain values of {args.src}, loadable without running code"
+          + (f"; left out: {', '.join(dropped)}" if dropped else ""))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fastmmt.train.demo import demo_options, format_table, run_demo
 
@@ -194,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which queries are drawn")
     p.add_argument("--rerank", action="store_true", help="also the k-reciprocal re-ranked list, beside the plain one")
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("convert", help="rewrite a model file or checkpoint you trust as tensors and plain values "
+                                       "only, which fastmmt loads without running code (docs/reliability.md)")
+    p.add_argument("src", help="the file to convert (loaded with a full pickle load: it can run code)")
+    p.add_argument("dst", help="where to write the converted file")
+    p.add_argument("--trust-file", action="store_true",
+                   help="required: you trust where SRC came from (loading it runs any code stored in it)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="synthetic end-to-end demo: source-only vs MMT vs oracle")
     p.add_argument("--out", default="runs/demo")

@@ -230,8 +230,9 @@ def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger
     ctx = rt.ctx
     st = RunState()
     if resume:
-        ck = read_resume_checkpoint(out_dir / "ckpt", rt.device, ctx)
-        if ck is not None:
+        found = read_resume_checkpoint(out_dir / "ckpt", rt.device, ctx)
+        if found is not None:
+            ck, _path = found
             st = stage.load_state_dict(ck)
             log.info("resumed %s at epoch %d (global step %d)", stage.name, st.epoch, st.global_step)
     if start is not None:
