@@ -41,6 +41,17 @@ def _is_main() -> bool:
     return is_main_process()
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _save_config(opts, out_dir: Path) -> None:
     """Write ``out_dir/config.yaml``; a different earlier one is kept as ``config.N.yaml``."""
     if not _is_main():
@@ -201,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)  # --out: the folder of the pictures (default OUT/rank_lists)
     p.add_argument("--model", required=True, help="a model.pt written by pretrain or adapt, or an official MMT "
                                                     "release file (*.pth.tar)")
-    p.add_argument("--topk", type=int, default=10, help="gallery images per list (default 10)")
-    p.add_argument("--num-queries", type=int, default=20, help="queries drawn at random (default 20)")
+    p.add_argument("--topk", type=_positive_int, default=10, help="gallery images per list (default 10)")
+    p.add_argument("--num-queries", type=_positive_int, default=20, help="queries drawn at random (default 20)")
     p.add_argument("--seed", type=int, default=0, help="which queries are drawn")
     p.add_argument("--rerank", action="store_true", help="also the k-reciprocal re-ranked list, beside the plain one")
     p.set_defaults(func=cmd_visualize)

@@ -69,12 +69,17 @@ def _set_classifiers(students: list[nn.Module], teachers: list[nn.Module], centr
 
 def _cluster(clusterer, cf: torch.Tensor, epoch: int, a: AdaptOptions, d: DataOptions) -> ClusterResult:
     """Pseudo-labels of ``epoch``; an unusable clustering names the epoch and what to change."""
-    hint = ("lower adapt.k (at most the number of target training images)" if a.method != "dbscan" else
-            "raise adapt.rho (a wider eps) or lower adapt.min_samples")
+    # the hint says which way to move the option only where that is the cause
+    if a.method == "dbscan":
+        hint = "; raise adapt.rho (a wider eps) or lower adapt.min_samples"
+    elif a.method in ("kmeans", "baseline") and a.k > len(cf):
+        hint = f"; lower adapt.k (at most the number of target training images, {len(cf)})"
+    else:
+        hint = ""
     try:
         res = clusterer(cf, epoch)
     except ClusterError as e:
-        raise ClusterError(f"epoch {epoch}: clustering {len(cf)} target images failed: {e}; {hint}") from None
+        raise ClusterError(f"epoch {epoch}: clustering {len(cf)} target images failed: {e}{hint}") from None
     p = d.batch_size // d.num_instances
     if res.num_clusters < p:
         outliers = int((np.asarray(res.labels) < 0).sum())
