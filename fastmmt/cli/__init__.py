@@ -41,6 +41,15 @@ def _is_main() -> bool:
     return is_main_process()
 
 
+def _hold(folders: list[Path]):
+    """Rank 0 takes the run folders before writing anything in them (the stage takes them again,
+    re-entrantly, under torchrun too); a folder another run holds stops here, untouched."""
+    import contextlib
+
+    from fastmmt.train.run_lock import hold_folders
+    return hold_folders(folders) if _is_main() else contextlib.nullcontext()
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -89,16 +98,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     opts = _options(args)
     check_pretrained(opts)
     out = Path(opts.run.out_dir)
-    _save_config(opts, out)
-    source = load_dataset(opts.data.source, opts.data.source_root or opts.data.root)
-    target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root) if opts.data.target else None
     seeds = [args.seed] if args.seed is not None else list(opts.pretrain.seeds)
-    for s in seeds:
-        res = pretrain(source, target, opts, seed=s, out_dir=out / "pretrain" / f"seed{s}", resume=args.resume)
-        if _is_main():
-            print(f"seed {s}: model {res.model_path}")
-        if res.metrics:
-            _print_metrics(f"source-only seed {s} on target", res.metrics)
+    with _hold([out / "pretrain" / f"seed{s}" for s in seeds]):
+        _save_config(opts, out)
+        source = load_dataset(opts.data.source, opts.data.source_root or opts.data.root)
+        target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root) if opts.data.target else None
+        for s in seeds:
+            res = pretrain(source, target, opts, seed=s, out_dir=out / "pretrain" / f"seed{s}", resume=args.resume)
+            if _is_main():
+                print(f"seed {s}: model {res.model_path}")
+            if res.metrics:
+                _print_metrics(f"source-only seed {s} on target", res.metrics)
     return 0
 
 
@@ -114,12 +124,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if opts.adapt.method == "baseline":
         inits = inits[:1]
     run_dir = out / opts.adapt.method
-    _save_config(opts, run_dir)
-    target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root)
-    res = adapt(target, inits, opts, run_dir, resume=args.resume)
-    _print_metrics(f"{opts.adapt.method} on target", res.metrics)
-    if _is_main():
-        (run_dir / "results.json").write_text(json.dumps({"metrics": res.metrics, "seconds": res.seconds}, indent=2))
+    with _hold([run_dir]):
+        _save_config(opts, run_dir)
+        target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root)
+        res = adapt(target, inits, opts, run_dir, resume=args.resume)
+        _print_metrics(f"{opts.adapt.method} on target", res.metrics)
+        if _is_main():
+            (run_dir / "results.json").write_text(json.dumps({"metrics": res.metrics, "seconds": res.seconds},
+                                                             indent=2))
     return 0
 
 

@@ -2,8 +2,10 @@
 
 A checkpoint is written to a temporary file in the same folder, flushed and fsynced, then renamed
 over the target (``os.replace`` is atomic on POSIX), so a crash or a full disk never leaves a
-half-written ``last.pt``. The previous checkpoint is kept as ``prev.pt``. Checkpoints are read
-with :func:`fastmmt.safe_load.safe_load`: a file in the checkpoint folder never runs code.
+half-written ``last.pt``. The previous checkpoint is kept as ``prev.pt``. Temporary files are
+named ``.NAME.XXXX.tmp`` (:func:`temp_file_beside`); one left by a killed write is removed by
+:func:`remove_leftover_temp_files` when the next run takes the folder. Checkpoints are read with
+:func:`fastmmt.safe_load.safe_load`: a file in the checkpoint folder never runs code.
 """
 from __future__ import annotations
 
@@ -25,14 +27,44 @@ class CheckpointError(RuntimeError):
     """No readable checkpoint where one was expected."""
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file (fd, name) in ``path``'s folder, named ``.NAME.XXXX.tmp``: hidden, and
+    recognised by :func:`remove_leftover_temp_files`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+
+
+def remove_leftover_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files a killed write left in ``folder`` and ``folder/ckpt``.
+
+    Only for the run that holds the folder (:mod:`fastmmt.train.run_lock`): another run's write
+    in progress would otherwise lose its file. Returns what was removed (logged).
+    """
+    folder = Path(folder)
+    removed = []
+    for sub in (folder, folder / "ckpt"):
+        if not sub.is_dir():
+            continue
+        for p in sorted(sub.glob(f".*{TEMP_SUFFIX}")):
+            if p.is_file():
+                _unlink_quiet(str(p))
+                removed.append(p)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted write: %s", len(removed),
+                 ", ".join(str(p) for p in removed))
+    return removed
+
+
 def _write_temp(obj: Any, path: Path) -> str:
     """torch.save ``obj`` to a flushed, fsynced temporary file beside ``path``; returns its name.
 
     A failed write (e.g. a full disk) removes the temporary file and raises an ``OSError`` that
     names ``path``; nothing that existed before is touched.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

@@ -46,6 +46,7 @@ from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, apply_update, run_epochs
 from fastmmt.train.model_file import StageResult, load_model_file, model_file
 from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions, check_options
+from fastmmt.train.run_lock import hold_folder
 from fastmmt.train.runtime import Runtime, autocast, setup_run
 
 log = logging.getLogger("fastmmt.train")
@@ -323,15 +324,24 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
     epoch's mean teacher 1; with ``run.select_best``, the best target-test mAP over the evaluated
     epochs and both mean teachers (``best.pt``; the metrics name its ``epoch`` and ``model``,
     T1 or T2), which is how the official code chose its figure: on the test set.
-    Under torchrun every rank calls this; see :mod:`fastmmt.train.distributed`.
+    Under torchrun every rank calls this; see :mod:`fastmmt.train.distributed`. The run holds
+    ``out_dir`` for its duration (:mod:`fastmmt.train.run_lock`).
     """
-    a, r = opts.adapt, opts.run
+    a = opts.adapt
     check_options(opts)
     mmt = a.method != "baseline"
     if len(init_models) != (2 if mmt else 1):
         raise ValueError(f"method {a.method} needs {2 if mmt else 1} pre-trained model(s), got {len(init_models)}")
     out_dir = Path(out_dir)
     rt = setup_run(opts)
+    with hold_folder(out_dir, rt.ctx):
+        return _adapt(target, init_models, opts, out_dir, resume, rt)
+
+
+def _adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, out_dir: Path, resume: bool,
+           rt: Runtime) -> StageResult:
+    """:func:`adapt` once the run holds ``out_dir``."""
+    a, r = opts.adapt, opts.run
     stage = _Adapt(target, init_models, opts, rt)
     logger = RunLogger(out_dir) if rt.is_main else None
     # run.select_best: the best target-test mAP over the epochs and BOTH mean teachers, as the

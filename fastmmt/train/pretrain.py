@@ -31,6 +31,7 @@ from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, apply_update, run_epochs
 from fastmmt.train.model_file import StageResult, model_file
 from fastmmt.train.options import ExperimentOptions, PretrainOptions
+from fastmmt.train.run_lock import hold_folder
 from fastmmt.train.runtime import Runtime, autocast, setup_run
 from fastmmt.train.schedule import warmup_multistep_factor
 
@@ -208,7 +209,8 @@ def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOp
     from ``out_dir/ckpt``'s last readable epoch. ``model.pt`` (and the target metrics) are those
     of the last epoch, or with ``pretrain.select: source_best`` of the epoch with the best
     SOURCE test mAP among the evaluation epochs (every ``pretrain.eval_every`` and the last),
-    the official code's ``model_best.pth.tar``.
+    the official code's ``model_best.pth.tar``. The run holds ``out_dir`` for its duration
+    (:mod:`fastmmt.train.run_lock`).
     """
     d, p = opts.data, opts.pretrain
     if p.select == "source_best" and not (source.query and source.gallery):
@@ -220,6 +222,13 @@ def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOp
         _check_enough(target, "target", len(target.train), d.batch_size, 1)
     out_dir = Path(out_dir)
     rt = setup_run(opts, seed)
+    with hold_folder(out_dir, rt.ctx):
+        return _pretrain(source, target, opts, seed, out_dir, resume, rt)
+
+
+def _pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOptions, seed: int, out_dir: Path,
+              resume: bool, rt: Runtime) -> StageResult:
+    """:func:`pretrain` once the run holds ``out_dir``."""
     stage = _Pretrain(source, target, opts, rt)
     logger = RunLogger(out_dir) if rt.is_main else None
     st = run_epochs(stage, rt, out_dir, logger, resume, record_extra=lambda e: {"seed": seed}, start=stage.start)
