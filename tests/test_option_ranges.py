@@ -38,6 +38,7 @@ def env(tiny_run):
     ("adapt.min_samples=0", "adapt.min_samples must be >= 1"),
     ("model.dropout=1.0", "model.dropout must be in [0, 1)"),
     ("pretrain.seeds=[]", "pretrain.seeds must name at least one seed"),
+    ("run.diverge_factor=0.5", "run.diverge_factor must be 0 (off) or > 1"),
     ("run.eval_every=-1", "run.eval_every must be >= 0"),
     ("adapt.soft_ce_weight=-0.5", "adapt.soft_ce_weight must be >= 0"),
     ("pretrain.warmup_factor=0", "pretrain.warmup_factor must be in (0, 1]"),

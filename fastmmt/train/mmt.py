@@ -40,6 +40,7 @@ from fastmmt.train.common import (
     data_device_id,
     to_device,
     train_augment,
+    trunk_parameters,
 )
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.logger import RunLogger
@@ -309,6 +310,12 @@ class _Adapt:
 
     def write_epoch(self, state: dict, out_dir: Path) -> None:
         np.save(out_dir / "pseudo_labels.npy", state["labels"])
+
+    def trained_parameters(self) -> list[torch.Tensor]:
+        return [p for s in self.students for p in trunk_parameters(s)]
+
+    def learning_rate(self) -> str:
+        return f"adapt.lr={self.opts.adapt.lr:g}"
 
 
 def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, out_dir: str | Path,

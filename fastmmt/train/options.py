@@ -124,6 +124,7 @@ class RunOptions:
     sync_each_step: bool = False      # the old step: read every loss term and the NaN flag each step
     fused_bn_split: bool = False      # run.bn_split in one pass (False: the per-chunk loop, faster in eager on a CPU)
     compile: bool = False             # torch.compile the backbones
+    diverge_factor: float = 10.0      # stop when the trained weights' norm passes this x its start (0 = off; docs/reliability.md)
 
 
 @dataclass
@@ -198,7 +199,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("adapt", "k1"): COUNT, ("adapt", "k2"): COUNT, ("adapt", "rho"): Range(0, 1, lo_open=True),
     ("adapt", "min_samples"): COUNT, ("adapt", "kmeans_restarts"): COUNT, ("adapt", "kmeans_iters"): COUNT,
     ("run", "bn_split"): SOME, ("run", "eval_every"): SOME, ("run", "log_every"): COUNT,
-    ("run", "num_threads"): COUNT,
+    ("run", "num_threads"): COUNT, ("run", "diverge_factor"): SOME,
 }
 
 
@@ -225,5 +226,7 @@ def check_options(opts: ExperimentOptions) -> None:
         raise ValueError(f"data.batch_size ({d.batch_size}) must be a multiple of data.num_instances "
                          f"({d.num_instances}): a batch is P identities x K images")
     r = opts.run
+    if 0 < r.diverge_factor <= 1:
+        raise ValueError(f"run.diverge_factor must be 0 (off) or > 1 (a growth factor), got {r.diverge_factor}")
     if r.sync_bn and r.bn_split:
         raise ValueError("run.sync_bn and run.bn_split exclude each other: set run.bn_split=0 with SyncBN")

@@ -25,6 +25,7 @@ from fastmmt.train.common import (
     make_model,
     to_device,
     train_augment,
+    trunk_parameters,
 )
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.logger import RunLogger
@@ -199,6 +200,12 @@ class _Pretrain:
 
     def write_epoch(self, state: dict, out_dir: Path) -> None:
         pass
+
+    def trained_parameters(self) -> list[torch.Tensor]:
+        return trunk_parameters(self.model)
+
+    def learning_rate(self) -> str:
+        return f"pretrain.lr={self.opts.pretrain.lr:g}, {self.optimizer.param_groups[0]['lr']:.3g} in this epoch"
 
 
 def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOptions, seed: int,
