@@ -104,7 +104,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         source = load_dataset(opts.data.source, opts.data.source_root or opts.data.root)
         target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root) if opts.data.target else None
         for s in seeds:
-            res = pretrain(source, target, opts, seed=s, out_dir=out / "pretrain" / f"seed{s}", resume=args.resume)
+            res = pretrain(source, target, opts, seed=s, out_dir=out / "pretrain" / f"seed{s}", resume=args.resume,
+                           resume_changed=args.resume_changed)
             if _is_main():
                 print(f"seed {s}: model {res.model_path}")
             if res.metrics:
@@ -127,7 +128,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     with _hold([run_dir]):
         _save_config(opts, run_dir)
         target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root)
-        res = adapt(target, inits, opts, run_dir, resume=args.resume)
+        res = adapt(target, inits, opts, run_dir, resume=args.resume, resume_changed=args.resume_changed)
         _print_metrics(f"{opts.adapt.method} on target", res.metrics)
         if _is_main():
             (run_dir / "results.json").write_text(json.dumps({"metrics": res.metrics, "seconds": res.seconds},
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="Stage I: source pre-training (both seeds unless --seed)")
     _common(p)
     p.add_argument("--seed", type=int, help="train only this seed")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _resume_flags(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("adapt", help="Stage II: MMT (kmeans|dbscan), the single-model baseline, or the "
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=CHOICES[("adapt", "method")])
     p.add_argument("--init", nargs="+", help="pre-trained model files (default: OUT/pretrain/seed*/model.pt); "
                                              "official MMT release files (*.pth.tar) too")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _resume_flags(p)
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("evaluate", help="evaluate a model file on the target test set")
@@ -246,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _resume_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint (refused when the "
+                                                          "options that define the run differ from the checkpoint's)")
+    p.add_argument("--resume-changed", action="store_true",
+                   help="with --resume: continue even though such options changed (the change is meant)")
 
 
 def _one_line(err: BaseException) -> str:

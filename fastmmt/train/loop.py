@@ -13,6 +13,7 @@ did not apply them, see the step functions). ``run.sync_each_step`` keeps the ol
 the loss before backward and every term after it (:class:`HostMeter`). The divergence guard
 (:mod:`fastmmt.train.divergence`, ``run.diverge_factor``) is measured on the device and read in
 the same transfer, so it adds no host read; it fires before the epoch's checkpoint is written.
+A resumed run must have the defining options of its checkpoint (:mod:`fastmmt.train.resume_check`).
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastmmt.train import distributed as ddp
-from fastmmt.train.checkpoint import atomic_save, read_resume_checkpoint, save_checkpoint
+from fastmmt.train.checkpoint import CheckpointError, atomic_save, read_resume_checkpoint, save_checkpoint
 from fastmmt.train.common import NonFiniteLossError, refuse_if_not_finite, step_is_finite
 from fastmmt.train.divergence import DivergenceGuard
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.options import RunOptions
+from fastmmt.train.resume_check import HEADER, check_resume
 from fastmmt.train.runtime import Runtime, epoch_seed, seed_everything
 
 log = logging.getLogger("fastmmt.train")
@@ -233,7 +235,8 @@ def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState,
 def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger | None, resume: bool = False,
                eval_every: int = 0, select_best: bool = False, best_of: tuple[str, ...] | None = None,
                record_extra: Callable[[int], dict] | None = None,
-               start: Callable[[], None] | None = None) -> RunState:
+               start: Callable[[], None] | None = None, defines: dict | None = None,
+               resume_changed: bool = False) -> RunState:
     """Run ``stage`` from its first (or resumed) epoch to its last.
 
     ``resume``: restore ``out_dir/ckpt``'s last readable epoch (``stage.load_state_dict``); then
@@ -242,7 +245,9 @@ def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger
     every ``eval_every`` epochs and at the last (0: never), the best epoch by target mAP over the
     networks named in ``best_of`` (default: the first) written as ``best.pt`` when
     ``select_best``, then the checkpoint and the record (``logger``: rank 0's, None elsewhere).
-    ``run.diverge_factor`` > 0: the divergence guard is on.
+    ``defines``: the run's defining options (:func:`~fastmmt.train.resume_check.defining_options`),
+    recorded in every checkpoint and compared on resume (refused when they differ, unless
+    ``resume_changed``). ``run.diverge_factor`` > 0: the divergence guard is on.
     """
     out_dir = Path(out_dir)
     ctx = rt.ctx
@@ -250,8 +255,10 @@ def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger
     if resume:
         found = read_resume_checkpoint(out_dir / "ckpt", rt.device, ctx)
         if found is not None:
-            ck, _path = found
-            st = stage.load_state_dict(ck)
+            ck, path = found
+            if defines is not None:
+                check_resume(ck, path, defines, resume_changed)
+            st = _restore(stage, ck, path)
             log.info("resumed %s at epoch %d (global step %d)", stage.name, st.epoch, st.global_step)
     if start is not None:
         start()
@@ -278,12 +285,26 @@ def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger
             _evaluate_epoch(stage, epoch, st, record, out_dir, rt, select_best, best_of)
         st.history.append(record)
         state = stage.state_dict(epoch, st)
+        if defines is not None:
+            state[HEADER] = {"options": defines}
         ddp.run_on_main(ctx, _write_epoch, stage, state, record, out_dir, logger)
         if ctx.is_main:
             log.info("%s epoch %d: %s", stage.name, epoch,
                      ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
         st.epoch = epoch + 1
     return st
+
+
+def _restore(stage: Stage, ck: dict, path: Path) -> RunState:
+    """``stage.load_state_dict(ck)``; a checkpoint that does not fit the stage's networks or keys
+    is one error naming the file (not a state-dict dump)."""
+    try:
+        return stage.load_state_dict(ck)
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        what = f"missing {e}" if isinstance(e, KeyError) else " ".join(lines[:2])[:300]
+        raise CheckpointError(f"{path} does not fit this run ({type(e).__name__}: {what}); it was written by another "
+                              f"kind of run or network: use that run's settings or another output folder") from None
 
 
 def _evaluate_epoch(stage: Stage, epoch: int, st: RunState, record: dict, out_dir: Path, rt: Runtime,

@@ -47,6 +47,7 @@ from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, apply_update, run_epochs
 from fastmmt.train.model_file import StageResult, load_model_file, model_file
 from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions, check_options
+from fastmmt.train.resume_check import defining_options
 from fastmmt.train.run_lock import hold_folder
 from fastmmt.train.runtime import Runtime, autocast, setup_run
 
@@ -319,7 +320,7 @@ class _Adapt:
 
 
 def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, out_dir: str | Path,
-          resume: bool = False) -> StageResult:
+          resume: bool = False, resume_changed: bool = False) -> StageResult:
     """Run Stage II on ``target`` from pre-trained model files (two for MMT, one for the baseline).
 
     ``kmeans`` / ``dbscan``: MMT on clusters; ``baseline``: one model on its own k-means clusters;
@@ -332,7 +333,9 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
     epochs and both mean teachers (``best.pt``; the metrics name its ``epoch`` and ``model``,
     T1 or T2), which is how the official code chose its figure: on the test set.
     Under torchrun every rank calls this; see :mod:`fastmmt.train.distributed`. The run holds
-    ``out_dir`` for its duration (:mod:`fastmmt.train.run_lock`).
+    ``out_dir`` for its duration (:mod:`fastmmt.train.run_lock`); ``resume_changed``: resume even
+    when the options that define the run differ from the checkpoint's
+    (:mod:`fastmmt.train.resume_check`).
     """
     a = opts.adapt
     check_options(opts)
@@ -342,20 +345,21 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
     out_dir = Path(out_dir)
     rt = setup_run(opts)
     with hold_folder(out_dir, rt.ctx):
-        return _adapt(target, init_models, opts, out_dir, resume, rt)
+        return _adapt(target, init_models, opts, out_dir, resume, resume_changed, rt)
 
 
 def _adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, out_dir: Path, resume: bool,
-           rt: Runtime) -> StageResult:
+           resume_changed: bool, rt: Runtime) -> StageResult:
     """:func:`adapt` once the run holds ``out_dir``."""
     a, r = opts.adapt, opts.run
     stage = _Adapt(target, init_models, opts, rt)
     logger = RunLogger(out_dir) if rt.is_main else None
+    defines = defining_options(a.method, opts, {"target": target}, stage.students[0].model_options)
     # run.select_best: the best target-test mAP over the epochs and BOTH mean teachers, as the
     # official code chose its figure (on the test set: opt-in)
     best_of = tuple(stage.eval_models())
     st = run_epochs(stage, rt, out_dir, logger, resume, eval_every=r.eval_every, select_best=r.select_best,
-                    best_of=best_of, start=stage.start)
+                    best_of=best_of, start=stage.start, defines=defines, resume_changed=resume_changed)
     eval_net = stage.eval_net
     final_path = ddp.run_on_main(rt.ctx, atomic_save, model_file(eval_net, eval_net.classifier.out_features,
                                                                  method=a.method), out_dir / "model.pt")
