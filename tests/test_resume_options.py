@@ -40,7 +40,7 @@ def test_resume_with_changed_defining_options_lists_the_differences(env, capsys,
     assert ck["epoch"] == 2 and ck["fastmmt"]["options"]["adapt.k"] == 7
 
 
-def test_resume_with_another_network_isone_line(env, capsys, tmp_path):
+def test_resume_with_another_network_is_one_line(env, capsys, tmp_path):
     o = tiny_options(tmp_path)
     o.data.source_root, o.data.target_root = env["src"], env["tgt"]
     o.run.eval_every = 0
@@ -59,7 +59,7 @@ def test_resume_with_another_network_isone_line(env, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("planted", ["model_file", "other_stage", "not_torch"])
-def test_a_file_that_is_not_a_checkpoint_isone_line(env, capsys, tmp_path, planted):
+def test_a_file_that_is_not_a_checkpoint_is_one_line(env, capsys, tmp_path, planted):
     run = copy_run(env, tmp_path)
     ckpt = run / "kmeans" / "ckpt"
     if planted == "model_file":
