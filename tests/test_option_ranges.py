@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +95,14 @@ def test_clustering_hints_point_the_right_way(env):
         _cluster(failing("k-means backend 'faiss-gpu' requested but faiss.get_num_gpus() == 0"), feats, 0,
                  o.adapt, o.data)
     assert "adapt.k" not in str(e.value)
+    # the oracle's clusters are the true identities: too few for a batch is not fixed by adapt.k
+    from fastmmt.cluster import ClusterResult
+
+    def two_identities(cf, epoch):
+        return ClusterResult(np.arange(len(cf)) % 2, torch.zeros(2, 4), 2)
+    o.adapt.method = "oracle"
+    with pytest.raises(ClusterError, match=r"needs at least 16; lower data\.batch_size$"):
+        _cluster(two_identities, feats, 0, o.adapt, o.data)
+    o.adapt.method = "kmeans"
+    with pytest.raises(ClusterError, match=r"lower data\.batch_size, or raise adapt\.k$"):
+        _cluster(two_identities, feats, 0, o.adapt, o.data)

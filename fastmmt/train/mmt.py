@@ -70,6 +70,11 @@ def _set_classifiers(students: list[nn.Module], teachers: list[nn.Module], centr
         t.classifier.weight.requires_grad_(False)
 
 
+# what else gives more clusters, per method (the oracle's clusters are the true identities)
+FEWER_CLUSTERS_HINT = {"kmeans": ", or raise adapt.k", "baseline": ", or raise adapt.k",
+                       "dbscan": ", or raise adapt.rho or lower adapt.min_samples"}
+
+
 def _cluster(clusterer, cf: torch.Tensor, epoch: int, a: AdaptOptions, d: DataOptions) -> ClusterResult:
     """Pseudo-labels of ``epoch``; an unusable clustering names the epoch and what to change."""
     # the hint says which way to move the option only where that is the cause
@@ -89,8 +94,7 @@ def _cluster(clusterer, cf: torch.Tensor, epoch: int, a: AdaptOptions, d: DataOp
         raise ClusterError(
             f"epoch {epoch}: clustering gave {res.num_clusters} clusters ({outliers} outliers) but a batch of "
             f"data.batch_size={d.batch_size} ({p} identities x data.num_instances={d.num_instances}) needs at "
-            f"least {p}; lower data.batch_size, or "
-            + ("raise adapt.k" if a.method != "dbscan" else "raise adapt.rho or lower adapt.min_samples"))
+            f"least {p}; lower data.batch_size" + FEWER_CLUSTERS_HINT.get(a.method, ""))
     return res
 
 
