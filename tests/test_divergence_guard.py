@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from fastmmt.train import adapt
-from fastmmt.train.divergence import parameter_norm
+from fastmmt.train import adapt, pretrain
+from fastmmt.train.divergence import DivergenceError, parameter_norm
 from reliability_env import adapt_args, copy_run, digest, one_line, run_cli
 from test_train_e2e import tiny_options
 
@@ -72,3 +72,17 @@ def test_the_guard_adds_no_host_read(env, tmp_path, monkeypatch):
         adapt(env["target"], env["inits"], o, tmp_path / f"f{factor}")
         seen.append(inside["n"])
     assert seen[0] == seen[1] > 0, seen
+
+
+@pytest.mark.parametrize("sync_each_step", [False, True])
+def test_diverging_pretraining_stops_naming_its_learning_rate(env, tmp_path, sync_each_step):
+    """Pre-training, with the sync-free step and with the old one (which reads every step and
+    checks the guard on its own read): stopped before any checkpoint or model file."""
+    o = tiny_options(tmp_path)
+    o.pretrain.lr, o.pretrain.warmup_epochs, o.run.eval_every = 10.0, 0, 0
+    o.run.sync_each_step = sync_each_step
+    with pytest.raises(DivergenceError, match=r"diverging at pre-training epoch 0 iteration 1 .*"
+                                              r"\(pretrain\.lr=10, 10 in this epoch\)"):
+        pretrain(env["source"], env["target"], o, seed=1, out_dir=tmp_path / "p")
+    assert not (tmp_path / "p" / "ckpt").exists() and not (tmp_path / "p" / "model.pt").exists()
+    assert not (tmp_path / "p" / ".fastmmt.lock").exists()
