@@ -34,7 +34,8 @@ def test_resume_with_changed_defining_options_lists_the_differences(env, capsys,
     rc, err = run_cli(capsys, adapt_args(env, run, "adapt.epochs=2", "adapt.lr=0.0001", extra=("--resume",)))
     assert rc == 0, err
     # the change is meant: --resume-changed
-    rc, err = run_cli(capsys, adapt_args(env, run, "adapt.epochs=3", "adapt.k=7", extra=("--resume", "--resume-changed")))
+    rc, err = run_cli(capsys, adapt_args(env, run, "adapt.epochs=3", "adapt.k=7",
+                                         extra=("--resume", "--resume-changed")))
     assert rc == 0, err
     ck = torch.load(run / "kmeans" / "ckpt" / "last.pt", weights_only=False)
     assert ck["epoch"] == 2 and ck["fastmmt"]["options"]["adapt.k"] == 7

@@ -49,9 +49,10 @@ class DivergenceGuard:
         norm, ref = values
         if math.isfinite(norm) and norm <= self.factor * ref:
             return
+        growth = norm / ref if ref else math.inf
         raise DivergenceError(
             f"the run is diverging at {where}: the norm of the trained weights grew from {ref:.4g} at the start "
-            f"of the run to {norm:.4g} ({norm / ref if ref else math.inf:.3g}x, past run.diverge_factor={self.factor:g}) without a "
+            f"of the run to {norm:.4g} ({growth:.3g}x, past run.diverge_factor={self.factor:g}) without a "
             f"non-finite loss; the likely cause is too high a learning rate ({self.lr_note()}): lower it. The "
             f"run stopped before writing a checkpoint, so the last one written is from before this (resume from "
             f"it with a lower rate); run.diverge_factor=0 turns this check off")

@@ -124,7 +124,7 @@ class RunOptions:
     sync_each_step: bool = False      # the old step: read every loss term and the NaN flag each step
     fused_bn_split: bool = False      # run.bn_split in one pass (False: the per-chunk loop, faster in eager on a CPU)
     compile: bool = False             # torch.compile the backbones
-    diverge_factor: float = 10.0      # stop when the trained weights' norm passes this x its start (0 = off; docs/reliability.md)
+    diverge_factor: float = 10.0      # stop when the trained weights' norm passes this x its start (0 = off)
 
 
 @dataclass
