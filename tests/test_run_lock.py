@@ -225,3 +225,20 @@ def test_temp_files_of_a_killed_write_are_removed_by_the_next_run(env, capsys, t
     assert "removed 1 temporary file" in caplog.text
     assert torch.load(run / "ckpt" / "last.pt", weights_only=False)["epoch"] == 1
     assert not (run / LOCK_NAME).exists()
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    """A full disk while the lock's record is written: the error, and no empty lock that would
+    refuse every later run."""
+    import errno
+
+    real = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        RunLock(tmp_path / "f").acquire()
+    monkeypatch.setattr(os, "fsync", real)
+    assert not (tmp_path / "f" / LOCK_NAME).exists()
+    RunLock(tmp_path / "f").acquire().release()

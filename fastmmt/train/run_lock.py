@@ -75,10 +75,14 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.record))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.record))
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # e.g. a full disk: leave no empty lock behind
+            self.path.unlink()
+            raise
         return True
 
     def _read(self) -> tuple[str, dict] | None:
