@@ -46,8 +46,9 @@ def test_diverging_run_stops_before_its_checkpoint_replaces_the_good_one(env, ca
 
 
 def test_the_guard_adds_no_host_read(env, tmp_path, monkeypatch):
-    """Host reads (tolist, item, float, bool, numpy of a tensor) of a run with the guard on and
-    off: the same count, since its measure travels with the loss sums."""
+    """Host reads (tolist, item, float, int, bool, numpy of a tensor) inside ``train_epoch`` of
+    a pre-training and an MMT run with the guard on and off: the same count, since its measure
+    travels with the loss sums and its message is built only when it fires."""
     counts = {"n": 0}
     for name in ("tolist", "item", "__float__", "__bool__", "__int__", "numpy"):
         real = getattr(torch.Tensor, name)
@@ -57,19 +58,21 @@ def test_the_guard_adds_no_host_read(env, tmp_path, monkeypatch):
             return _real(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, name, counted)
     import fastmmt.train.loop as loop
-    real_epoch, inside, seen = loop.train_epoch, {}, []
+    real_epoch, inside, seen = loop.train_epoch, {"n": 0}, []
 
     def measured(*a, **k):
         n0 = counts["n"]
         out = real_epoch(*a, **k)
-        inside["n"] = counts["n"] - n0
+        inside["n"] += counts["n"] - n0
         return out
     monkeypatch.setattr(loop, "train_epoch", measured)
     for factor in (10.0, 0.0):
         o = tiny_options(tmp_path)
-        o.adapt.epochs, o.adapt.iters, o.run.log_every, o.run.eval_every = 1, 4, 2, 0
+        o.pretrain.iters, o.adapt.epochs, o.adapt.iters, o.run.log_every, o.run.eval_every = 4, 1, 4, 2, 0
         o.run.diverge_factor = factor
-        adapt(env["target"], env["inits"], o, tmp_path / f"f{factor}")
+        inside["n"] = 0
+        pretrain(env["source"], env["target"], o, seed=1, out_dir=tmp_path / f"p{factor}")
+        adapt(env["target"], env["inits"], o, tmp_path / f"a{factor}")
         seen.append(inside["n"])
     assert seen[0] == seen[1] > 0, seen
 

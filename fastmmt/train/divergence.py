@@ -43,15 +43,15 @@ class DivergenceGuard:
         """[current norm, starting norm] on the device, to be read with the loss sums."""
         return torch.stack([parameter_norm(self.params()), self.ref])
 
-    def check(self, values: list[float], where: str) -> None:
-        """Raise :class:`DivergenceError` naming ``where`` and the learning rate when the norm read
-        with :meth:`measure` is past the factor (or not finite)."""
+    def check(self, values: list[float], where: Callable[[], str]) -> None:
+        """Raise :class:`DivergenceError` naming ``where()`` (the step, built only then) and the
+        learning rate when the norm read with :meth:`measure` is past the factor (or not finite)."""
         norm, ref = values
         if math.isfinite(norm) and norm <= self.factor * ref:
             return
         growth = norm / ref if ref else math.inf
         raise DivergenceError(
-            f"the run is diverging at {where}: the norm of the trained weights grew from {ref:.4g} at the start "
+            f"the run is diverging at {where()}: the norm of the trained weights grew from {ref:.4g} at the start "
             f"of the run to {norm:.4g} ({growth:.3g}x, past run.diverge_factor={self.factor:g}) without a "
             f"non-finite loss; the likely cause is too high a learning rate ({self.lr_note()}): lower it. The "
             f"run stopped before writing a checkpoint, so the last one written is from before this (resume from "

@@ -214,12 +214,12 @@ def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState,
             if w["finite"]:
                 bar.set_postfix(loss=f"{w['sums']['loss']:.3f}")
             if guard is not None and at_read:  # the old step reads every step anyway
-                guard.check(guard.measure().tolist(), describe(it))
+                guard.check(guard.measure().tolist(), lambda: describe(it))
         elif at_read:
             w = meter.read(None if guard is None else guard.measure())
             _check_window(w, first_it, it, r.on_nonfinite, describe, every)
             if guard is not None:
-                guard.check(w["extra"], describe(it))
+                guard.check(w["extra"], lambda: describe(it))
             if w["finite"] and "loss" in w["sums"]:
                 bar.set_postfix(loss=f"{w['sums']['loss'] / w['finite']:.3f}")
             first_it = it + 1
