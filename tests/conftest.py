@@ -84,3 +84,12 @@ def gen() -> torch.Generator:
     seed = int(os.environ.get("FASTMMT_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
     print(f"seed={seed} (rerun with FASTMMT_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """A finished tiny run (two pre-trained models, one k-means epoch) for the reliability tests
+    (tests/reliability_env.py); tests copy what they change."""
+    from reliability_env import build_env
+
+    return build_env(tmp_path_factory.mktemp("tiny_run"))

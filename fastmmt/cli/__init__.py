@@ -41,6 +41,26 @@ def _is_main() -> bool:
     return is_main_process()
 
 
+def _hold(folders: list[Path]):
+    """Rank 0 takes the run folders before writing anything in them (the stage takes them again,
+    re-entrantly, under torchrun too); a folder another run holds stops here, untouched."""
+    import contextlib
+
+    from fastmmt.train.run_lock import hold_folders
+    return hold_folders(folders) if _is_main() else contextlib.nullcontext()
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _save_config(opts, out_dir: Path) -> None:
     """Write ``out_dir/config.yaml``; a different earlier one is kept as ``config.N.yaml``."""
     if not _is_main():
@@ -78,16 +98,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     opts = _options(args)
     check_pretrained(opts)
     out = Path(opts.run.out_dir)
-    _save_config(opts, out)
-    source = load_dataset(opts.data.source, opts.data.source_root or opts.data.root)
-    target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root) if opts.data.target else None
     seeds = [args.seed] if args.seed is not None else list(opts.pretrain.seeds)
-    for s in seeds:
-        res = pretrain(source, target, opts, seed=s, out_dir=out / "pretrain" / f"seed{s}", resume=args.resume)
-        if _is_main():
-            print(f"seed {s}: model {res.model_path}")
-        if res.metrics:
-            _print_metrics(f"source-only seed {s} on target", res.metrics)
+    with _hold([out / "pretrain" / f"seed{s}" for s in seeds]):
+        _save_config(opts, out)
+        source = load_dataset(opts.data.source, opts.data.source_root or opts.data.root)
+        target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root) if opts.data.target else None
+        for s in seeds:
+            res = pretrain(source, target, opts, seed=s, out_dir=out / "pretrain" / f"seed{s}", resume=args.resume,
+                           resume_changed=args.resume_changed)
+            if _is_main():
+                print(f"seed {s}: model {res.model_path}")
+            if res.metrics:
+                _print_metrics(f"source-only seed {s} on target", res.metrics)
     return 0
 
 
@@ -103,12 +125,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if opts.adapt.method == "baseline":
         inits = inits[:1]
     run_dir = out / opts.adapt.method
-    _save_config(opts, run_dir)
-    target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root)
-    res = adapt(target, inits, opts, run_dir, resume=args.resume)
-    _print_metrics(f"{opts.adapt.method} on target", res.metrics)
-    if _is_main():
-        (run_dir / "results.json").write_text(json.dumps({"metrics": res.metrics, "seconds": res.seconds}, indent=2))
+    with _hold([run_dir]):
+        _save_config(opts, run_dir)
+        target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root)
+        res = adapt(target, inits, opts, run_dir, resume=args.resume, resume_changed=args.resume_changed)
+        _print_metrics(f"{opts.adapt.method} on target", res.metrics)
+        if _is_main():
+            (run_dir / "results.json").write_text(json.dumps({"metrics": res.metrics, "seconds": res.seconds},
+                                                             indent=2))
     return 0
 
 
@@ -134,6 +158,18 @@ def cmd_visualize(args: argparse.Namespace) -> int:
                                  seed=args.seed, rerank=args.rerank)
     if _is_main():
         print(f"{len(paths)} rank lists of {args.model} on {opts.data.target} in {out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from fastmmt.safe_load import convert_trusted_file
+
+    if not args.trust_file:
+        raise ValueError(f"convert loads {args.src} with a full pickle load, which runs any code stored in it: "
+                         f"pass --trust-file to confirm that you trust where {args.src} came from")
+    dropped = convert_trusted_file(args.src, args.dst)
+    print(f"{args.dst}: tensors and plain values of {args.src}, loadable without running code"
+          + (f"; left out: {', '.join(dropped)}" if dropped else ""))
     return 0
 
 
@@ -166,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="Stage I: source pre-training (both seeds unless --seed)")
     _common(p)
     p.add_argument("--seed", type=int, help="train only this seed")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _resume_flags(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("adapt", help="Stage II: MMT (kmeans|dbscan), the single-model baseline, or the "
@@ -175,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=CHOICES[("adapt", "method")])
     p.add_argument("--init", nargs="+", help="pre-trained model files (default: OUT/pretrain/seed*/model.pt); "
                                              "official MMT release files (*.pth.tar) too")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _resume_flags(p)
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("evaluate", help="evaluate a model file on the target test set")
@@ -189,11 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)  # --out: the folder of the pictures (default OUT/rank_lists)
     p.add_argument("--model", required=True, help="a model.pt written by pretrain or adapt, or an official MMT "
                                                     "release file (*.pth.tar)")
-    p.add_argument("--topk", type=int, default=10, help="gallery images per list (default 10)")
-    p.add_argument("--num-queries", type=int, default=20, help="queries drawn at random (default 20)")
+    p.add_argument("--topk", type=_positive_int, default=10, help="gallery images per list (default 10)")
+    p.add_argument("--num-queries", type=_positive_int, default=20, help="queries drawn at random (default 20)")
     p.add_argument("--seed", type=int, default=0, help="which queries are drawn")
     p.add_argument("--rerank", action="store_true", help="also the k-reciprocal re-ranked list, beside the plain one")
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("convert", help="rewrite a model file or checkpoint you trust as tensors and plain values "
+                                       "only, which fastmmt loads without running code (docs/reliability.md)")
+    p.add_argument("src", help="the file to convert (loaded with a full pickle load: it can run code)")
+    p.add_argument("dst", help="where to write the converted file")
+    p.add_argument("--trust-file", action="store_true",
+                   help="required: you trust where SRC came from (loading it runs any code stored in it)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="synthetic end-to-end demo: source-only vs MMT vs oracle")
     p.add_argument("--out", default="runs/demo")
@@ -203,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _resume_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint (refused when the "
+                                                          "options that define the run differ from the checkpoint's)")
+    p.add_argument("--resume-changed", action="store_true",
+                   help="with --resume: continue even though such options changed (the change is meant)")
 
 
 def _one_line(err: BaseException) -> str:

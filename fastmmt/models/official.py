@@ -30,6 +30,7 @@ from torch import nn
 
 from fastmmt.models.reid import ReIDNet
 from fastmmt.models.resnet import ARCHS, BasicBlock, Bottleneck, build_backbone
+from fastmmt.safe_load import safe_load
 
 # base index -> fastmmt backbone module, per trunk layout
 _RESNET_BASE = {0: "conv1", 1: "bn1", 3: "layer1", 4: "layer2", 5: "layer3", 6: "layer4"}
@@ -127,16 +128,6 @@ def convert_official_state_dict(state: dict) -> OfficialCheckpoint:
                               num_classes=int(out["classifier.weight"].shape[0]))
 
 
-def _load_pickle(path: str) -> object:
-    """``torch.load`` with weights only, allowing the numpy scalars the official code stores
-    (its ``best_mAP`` is a ``numpy.float64``)."""
-    allowed = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32))]
-    multiarray = getattr(np, "_core", None) or np.core
-    allowed.append(multiarray.multiarray.scalar)
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def is_official_checkpoint(obj: object) -> bool:
     """True for what ``torch.load`` returns from an official release file: ``{"state_dict": ...}``
     or a bare state dict, in the official key layout."""
@@ -152,7 +143,7 @@ def read_official_checkpoint(path: str | os.PathLike) -> OfficialCheckpoint:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path} does not exist")
-    return official_checkpoint_from(_load_pickle(path), path)
+    return official_checkpoint_from(safe_load(path), path)
 
 
 def official_checkpoint_from(obj: object, path: str | os.PathLike = "<object>") -> OfficialCheckpoint:

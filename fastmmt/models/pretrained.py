@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from fastmmt.safe_load import safe_load
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained weights file not found: {path} (no downloads are made)")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = safe_load(path)  # never runs code stored in the file
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

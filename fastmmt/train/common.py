@@ -36,6 +36,12 @@ def make_model(mopts: ModelOptions, num_classes: int, device: torch.device, bn_s
     return model
 
 
+def trunk_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters of a re-ID network except its classifier (which MMT rebuilds every epoch):
+    what the divergence guard measures."""
+    return [p for name, p in model.named_parameters() if not name.startswith("classifier.")]
+
+
 def compile_backbones(models: Iterable[nn.Module]) -> None:
     """``run.compile``: ``torch.compile`` each network's backbone in place (``nn.Module.compile``,
     so parameter names, state dicts and checkpoints stay those of the eager network)."""

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fastmmt.train.checkpoint import temp_file_beside
+
 log = logging.getLogger(__name__)
 
 
@@ -52,8 +54,8 @@ class RunLogger:
         kept = [r for r in recs if not r.get("final") and r.get("epoch", -1) < epoch]
         if len(kept) == len(recs):
             return
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w") as f:
+        fd, tmp = temp_file_beside(self.path)  # removed by the next run if this one is killed here
+        with os.fdopen(fd, "w") as f:
             f.writelines(json.dumps(r, default=float) + "\n" for r in kept)
             f.flush()
             os.fsync(f.fileno())

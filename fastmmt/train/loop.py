@@ -10,7 +10,10 @@ The step reads nothing on the host. Its loss terms are summed on the device by
 together with the non-finite flags: ``run.on_nonfinite=stop`` stops at that read, naming the first
 bad iteration and the window it was found in; ``skip`` counts the refused steps (the step itself
 did not apply them, see the step functions). ``run.sync_each_step`` keeps the old step, which read
-the loss before backward and every term after it (:class:`HostMeter`).
+the loss before backward and every term after it (:class:`HostMeter`). The divergence guard
+(:mod:`fastmmt.train.divergence`, ``run.diverge_factor``) is measured on the device and read in
+the same transfer, so it adds no host read; it fires before the epoch's checkpoint is written.
+A resumed run must have the defining options of its checkpoint (:mod:`fastmmt.train.resume_check`).
 """
 from __future__ import annotations
 
@@ -27,10 +30,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastmmt.train import distributed as ddp
-from fastmmt.train.checkpoint import atomic_save, read_resume_checkpoint, save_checkpoint
+from fastmmt.train.checkpoint import CheckpointError, atomic_save, read_resume_checkpoint, save_checkpoint
 from fastmmt.train.common import NonFiniteLossError, refuse_if_not_finite, step_is_finite
+from fastmmt.train.divergence import DivergenceGuard
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.options import RunOptions
+from fastmmt.train.resume_check import HEADER, check_resume
 from fastmmt.train.runtime import Runtime, epoch_seed, seed_everything
 
 log = logging.getLogger("fastmmt.train")
@@ -67,6 +72,8 @@ class Stage(Protocol):
     def evaluate(self, net: nn.Module) -> dict[str, float]: ...
     def model_file(self, name: str, **extra) -> dict: ...
     def write_epoch(self, state: dict, out_dir: Path) -> None: ...
+    def trained_parameters(self) -> list[torch.Tensor]: ...   # what the divergence guard measures
+    def learning_rate(self) -> str: ...                       # the options to name when it fires
 
 
 class DeviceMeter:
@@ -107,18 +114,21 @@ class DeviceMeter:
         acc[n + 2] = torch.where(first, torch.full_like(acc[n + 2], it), acc[n + 2])
         acc[n + 3] = torch.where(first, terms["loss"].detach().to(torch.float64), acc[n + 3])
 
-    def read(self) -> dict | None:
-        """The window since the last read (one host transfer), folded into the epoch totals."""
+    def read(self, extra: torch.Tensor | None = None) -> dict | None:
+        """The window since the last read (one host transfer), folded into the epoch totals;
+        ``extra`` (a device vector, e.g. the divergence guard's measure) comes back as ``"extra"``
+        in the same transfer."""
         if self._acc is None:
             return None
-        vals = self._acc.tolist()
+        acc = self._acc if extra is None else torch.cat([self._acc, extra.to(self._acc).flatten()])
+        vals = acc.tolist()
         self._reset()
         n = len(self.keys)
         for k, v in zip(self.keys, vals[:n]):
             self.totals[k] = self.totals.get(k, 0.0) + v
         self.done += int(vals[n])
         return {"finite": int(vals[n]), "bad": int(vals[n + 1]), "first_bad": int(vals[n + 2]),
-                "bad_loss": vals[n + 3], "sums": dict(zip(self.keys, vals[:n]))}
+                "bad_loss": vals[n + 3], "sums": dict(zip(self.keys, vals[:n])), "extra": vals[n + 4:]}
 
 
 class HostMeter:
@@ -165,8 +175,12 @@ def _check_window(w: dict, first_it: int, last_it: int, policy: str, describe: C
     log.warning("%s and were skipped (run.on_nonfinite=skip)", what)
 
 
-def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState) -> tuple[dict, int]:
+def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState,
+                guard: DivergenceGuard | None = None) -> tuple[dict, int]:
     """One epoch of steps; returns (mean loss terms, refused steps) and advances ``st.global_step``.
+
+    ``guard`` is checked at every read of the loss sums (with ``run.sync_each_step``: every
+    ``run.log_every`` iterations and the last), after the non-finite check.
 
     ``global_step`` handed to a step is the host's count of the steps applied before it: exact
     with ``run.sync_each_step``; otherwise it counts every step, which is exact until a refused
@@ -193,14 +207,19 @@ def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState) -> tuple[di
         out = stage.step(batch, it, gs, lambda it=it, gs=gs: stage.describe(epoch, it, gs, window[it]))
         meter.add(it, out)
         applied += 1
+        at_read = (it + 1) % r.log_every == 0 or it + 1 == stage.iters
         if sync:
             w = meter.read()
             applied = meter.done
             if w["finite"]:
                 bar.set_postfix(loss=f"{w['sums']['loss']:.3f}")
-        elif (it + 1) % every == 0 or it + 1 == stage.iters:
-            w = meter.read()
+            if guard is not None and at_read:  # the old step reads every step anyway
+                guard.check(guard.measure().tolist(), lambda: describe(it))
+        elif at_read:
+            w = meter.read(None if guard is None else guard.measure())
             _check_window(w, first_it, it, r.on_nonfinite, describe, every)
+            if guard is not None:
+                guard.check(w["extra"], lambda: describe(it))
             if w["finite"] and "loss" in w["sums"]:
                 bar.set_postfix(loss=f"{w['sums']['loss'] / w['finite']:.3f}")
             first_it = it + 1
@@ -216,7 +235,8 @@ def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState) -> tuple[di
 def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger | None, resume: bool = False,
                eval_every: int = 0, select_best: bool = False, best_of: tuple[str, ...] | None = None,
                record_extra: Callable[[int], dict] | None = None,
-               start: Callable[[], None] | None = None) -> RunState:
+               start: Callable[[], None] | None = None, defines: dict | None = None,
+               resume_changed: bool = False) -> RunState:
     """Run ``stage`` from its first (or resumed) epoch to its last.
 
     ``resume``: restore ``out_dir/ckpt``'s last readable epoch (``stage.load_state_dict``); then
@@ -225,17 +245,26 @@ def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger
     every ``eval_every`` epochs and at the last (0: never), the best epoch by target mAP over the
     networks named in ``best_of`` (default: the first) written as ``best.pt`` when
     ``select_best``, then the checkpoint and the record (``logger``: rank 0's, None elsewhere).
+    ``defines``: the run's defining options (:func:`~fastmmt.train.resume_check.defining_options`),
+    recorded in every checkpoint and compared on resume (refused when they differ, unless
+    ``resume_changed``). ``run.diverge_factor`` > 0: the divergence guard is on.
     """
     out_dir = Path(out_dir)
     ctx = rt.ctx
     st = RunState()
     if resume:
-        ck = read_resume_checkpoint(out_dir / "ckpt", rt.device, ctx)
-        if ck is not None:
-            st = stage.load_state_dict(ck)
+        found = read_resume_checkpoint(out_dir / "ckpt", rt.device, ctx)
+        if found is not None:
+            ck, path = found
+            if defines is not None:
+                check_resume(ck, path, defines, resume_changed)
+            st = _restore(stage, ck, path)
             log.info("resumed %s at epoch %d (global step %d)", stage.name, st.epoch, st.global_step)
     if start is not None:
         start()
+    r = rt.opts.run
+    guard = DivergenceGuard(stage.trained_parameters, r.diverge_factor, stage.learning_rate) \
+        if r.diverge_factor > 0 else None
     if logger is not None:
         logger.start_at(st.epoch)
     for epoch in range(st.epoch, stage.epochs):
@@ -244,7 +273,7 @@ def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger
                                   "epoch": epoch}
         extra = stage.begin_epoch(epoch, st)
         t0 = time.perf_counter()
-        means, skipped = train_epoch(stage, rt, epoch, st)
+        means, skipped = train_epoch(stage, rt, epoch, st, guard)
         seconds = time.perf_counter() - t0
         record.update(means)
         record.update(extra)
@@ -256,12 +285,26 @@ def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger
             _evaluate_epoch(stage, epoch, st, record, out_dir, rt, select_best, best_of)
         st.history.append(record)
         state = stage.state_dict(epoch, st)
+        if defines is not None:
+            state[HEADER] = {"options": defines}
         ddp.run_on_main(ctx, _write_epoch, stage, state, record, out_dir, logger)
         if ctx.is_main:
             log.info("%s epoch %d: %s", stage.name, epoch,
                      ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
         st.epoch = epoch + 1
     return st
+
+
+def _restore(stage: Stage, ck: dict, path: Path) -> RunState:
+    """``stage.load_state_dict(ck)``; a checkpoint that does not fit the stage's networks or keys
+    is one error naming the file (not a state-dict dump)."""
+    try:
+        return stage.load_state_dict(ck)
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        what = f"missing {e}" if isinstance(e, KeyError) else " ".join(lines[:2])[:300]
+        raise CheckpointError(f"{path} does not fit this run ({type(e).__name__}: {what}); it was written by another "
+                              f"kind of run or network: use that run's settings or another output folder") from None
 
 
 def _evaluate_epoch(stage: Stage, epoch: int, st: RunState, record: dict, out_dir: Path, rt: Runtime,

@@ -40,12 +40,15 @@ from fastmmt.train.common import (
     data_device_id,
     to_device,
     train_augment,
+    trunk_parameters,
 )
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, apply_update, run_epochs
 from fastmmt.train.model_file import StageResult, load_model_file, model_file
 from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions, check_options
+from fastmmt.train.resume_check import defining_options
+from fastmmt.train.run_lock import hold_folder
 from fastmmt.train.runtime import Runtime, autocast, setup_run
 
 log = logging.getLogger("fastmmt.train")
@@ -67,22 +70,31 @@ def _set_classifiers(students: list[nn.Module], teachers: list[nn.Module], centr
         t.classifier.weight.requires_grad_(False)
 
 
+# what else gives more clusters, per method (the oracle's clusters are the true identities)
+FEWER_CLUSTERS_HINT = {"kmeans": ", or raise adapt.k", "baseline": ", or raise adapt.k",
+                       "dbscan": ", or raise adapt.rho or lower adapt.min_samples"}
+
+
 def _cluster(clusterer, cf: torch.Tensor, epoch: int, a: AdaptOptions, d: DataOptions) -> ClusterResult:
     """Pseudo-labels of ``epoch``; an unusable clustering names the epoch and what to change."""
-    hint = ("lower adapt.k (at most the number of target training images)" if a.method != "dbscan" else
-            "raise adapt.rho (a wider eps) or lower adapt.min_samples")
+    # the hint says which way to move the option only where that is the cause
+    if a.method == "dbscan":
+        hint = "; raise adapt.rho (a wider eps) or lower adapt.min_samples"
+    elif a.method in ("kmeans", "baseline") and a.k > len(cf):
+        hint = f"; lower adapt.k (at most the number of target training images, {len(cf)})"
+    else:
+        hint = ""
     try:
         res = clusterer(cf, epoch)
     except ClusterError as e:
-        raise ClusterError(f"epoch {epoch}: clustering {len(cf)} target images failed: {e}; {hint}") from None
+        raise ClusterError(f"epoch {epoch}: clustering {len(cf)} target images failed: {e}{hint}") from None
     p = d.batch_size // d.num_instances
     if res.num_clusters < p:
         outliers = int((np.asarray(res.labels) < 0).sum())
         raise ClusterError(
             f"epoch {epoch}: clustering gave {res.num_clusters} clusters ({outliers} outliers) but a batch of "
             f"data.batch_size={d.batch_size} ({p} identities x data.num_instances={d.num_instances}) needs at "
-            f"least {p}; lower data.batch_size, or "
-            + ("raise adapt.k" if a.method != "dbscan" else "raise adapt.rho or lower adapt.min_samples"))
+            f"least {p}; lower data.batch_size" + FEWER_CLUSTERS_HINT.get(a.method, ""))
     return res
 
 
@@ -304,9 +316,15 @@ class _Adapt:
     def write_epoch(self, state: dict, out_dir: Path) -> None:
         np.save(out_dir / "pseudo_labels.npy", state["labels"])
 
+    def trained_parameters(self) -> list[torch.Tensor]:
+        return [p for s in self.students for p in trunk_parameters(s)]
+
+    def learning_rate(self) -> str:
+        return f"adapt.lr={self.opts.adapt.lr:g}"
+
 
 def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, out_dir: str | Path,
-          resume: bool = False) -> StageResult:
+          resume: bool = False, resume_changed: bool = False) -> StageResult:
     """Run Stage II on ``target`` from pre-trained model files (two for MMT, one for the baseline).
 
     ``kmeans`` / ``dbscan``: MMT on clusters; ``baseline``: one model on its own k-means clusters;
@@ -318,22 +336,34 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
     epoch's mean teacher 1; with ``run.select_best``, the best target-test mAP over the evaluated
     epochs and both mean teachers (``best.pt``; the metrics name its ``epoch`` and ``model``,
     T1 or T2), which is how the official code chose its figure: on the test set.
-    Under torchrun every rank calls this; see :mod:`fastmmt.train.distributed`.
+    Under torchrun every rank calls this; see :mod:`fastmmt.train.distributed`. The run holds
+    ``out_dir`` for its duration (:mod:`fastmmt.train.run_lock`); ``resume_changed``: resume even
+    when the options that define the run differ from the checkpoint's
+    (:mod:`fastmmt.train.resume_check`).
     """
-    a, r = opts.adapt, opts.run
+    a = opts.adapt
     check_options(opts)
     mmt = a.method != "baseline"
     if len(init_models) != (2 if mmt else 1):
         raise ValueError(f"method {a.method} needs {2 if mmt else 1} pre-trained model(s), got {len(init_models)}")
     out_dir = Path(out_dir)
     rt = setup_run(opts)
+    with hold_folder(out_dir, rt.ctx):
+        return _adapt(target, init_models, opts, out_dir, resume, resume_changed, rt)
+
+
+def _adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, out_dir: Path, resume: bool,
+           resume_changed: bool, rt: Runtime) -> StageResult:
+    """:func:`adapt` once the run holds ``out_dir``."""
+    a, r = opts.adapt, opts.run
     stage = _Adapt(target, init_models, opts, rt)
     logger = RunLogger(out_dir) if rt.is_main else None
+    defines = defining_options(a.method, opts, {"target": target}, stage.students[0].model_options)
     # run.select_best: the best target-test mAP over the epochs and BOTH mean teachers, as the
     # official code chose its figure (on the test set: opt-in)
     best_of = tuple(stage.eval_models())
     st = run_epochs(stage, rt, out_dir, logger, resume, eval_every=r.eval_every, select_best=r.select_best,
-                    best_of=best_of, start=stage.start)
+                    best_of=best_of, start=stage.start, defines=defines, resume_changed=resume_changed)
     eval_net = stage.eval_net
     final_path = ddp.run_on_main(rt.ctx, atomic_save, model_file(eval_net, eval_net.classifier.out_features,
                                                                  method=a.method), out_dir / "model.pt")

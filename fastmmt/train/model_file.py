@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fastmmt.models.official import is_official_checkpoint, load_official_weights, official_checkpoint_from
+from fastmmt.safe_load import safe_load
 from fastmmt.train.common import make_model
 from fastmmt.train.options import ExperimentOptions
 
@@ -64,7 +65,7 @@ def load_model_file(path: str | Path, opts: ExperimentOptions, device: torch.dev
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist (run `fastmmt pretrain` first)")
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = safe_load(path, map_location=device)  # never runs code stored in the file
     r = opts.run
     if not _is_model_file(state):
         if not is_official_checkpoint(state):

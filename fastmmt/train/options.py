@@ -7,6 +7,7 @@ a stage starts, and the CLI runs it when a config loads.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -123,6 +124,7 @@ class RunOptions:
     sync_each_step: bool = False      # the old step: read every loss term and the NaN flag each step
     fused_bn_split: bool = False      # run.bn_split in one pass (False: the per-chunk loop, faster in eager on a CPU)
     compile: bool = False             # torch.compile the backbones
+    diverge_factor: float = 10.0      # stop when the trained weights' norm passes this x its start (0 = off)
 
 
 @dataclass
@@ -159,6 +161,48 @@ def option_choices() -> dict[tuple[str, str], tuple]:
     }
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric option: ``lo`` (open or closed) up to ``hi`` (or no bound)."""
+
+    lo: float
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return math.isfinite(v) and above and below
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+COUNT, SOME, POSITIVE, FRACTION = Range(1), Range(0), Range(0, lo_open=True), Range(0, 1, hi_open=True)
+# Every numeric option's range, checked where options are made (a config load, a stage start):
+# counts are >= 1 where zero would train, cluster or read nothing
+RANGES: dict[tuple[str, str], Range] = {
+    ("data", "height"): COUNT, ("data", "width"): COUNT, ("data", "batch_size"): COUNT,
+    ("data", "num_instances"): COUNT, ("data", "workers"): SOME, ("data", "test_batch_size"): COUNT,
+    ("data", "decode_cache_mb"): POSITIVE,
+    ("model", "base_width"): COUNT, ("model", "dropout"): FRACTION,
+    ("pretrain", "epochs"): COUNT, ("pretrain", "iters"): COUNT, ("pretrain", "lr"): POSITIVE,
+    ("pretrain", "weight_decay"): SOME, ("pretrain", "warmup_epochs"): SOME,
+    ("pretrain", "warmup_factor"): Range(0, 1, lo_open=True), ("pretrain", "gamma"): POSITIVE,
+    ("pretrain", "epsilon"): FRACTION, ("pretrain", "eval_every"): COUNT,
+    ("adapt", "epochs"): COUNT, ("adapt", "iters"): COUNT, ("adapt", "lr"): POSITIVE,
+    ("adapt", "weight_decay"): SOME, ("adapt", "k"): COUNT, ("adapt", "soft_ce_weight"): SOME,
+    ("adapt", "soft_tri_weight"): SOME, ("adapt", "ema_alpha"): Range(0, 1), ("adapt", "epsilon"): FRACTION,
+    ("adapt", "k1"): COUNT, ("adapt", "k2"): COUNT, ("adapt", "rho"): Range(0, 1, lo_open=True),
+    ("adapt", "min_samples"): COUNT, ("adapt", "kmeans_restarts"): COUNT, ("adapt", "kmeans_iters"): COUNT,
+    ("run", "bn_split"): SOME, ("run", "eval_every"): SOME, ("run", "log_every"): COUNT,
+    ("run", "num_threads"): COUNT, ("run", "diverge_factor"): SOME,
+}
+
+
 def check_options(opts: ExperimentOptions) -> None:
     """Raise ``ValueError`` naming the first option whose value the library does not accept."""
     from fastmmt.train.runtime import FP16_REFUSED
@@ -169,17 +213,20 @@ def check_options(opts: ExperimentOptions) -> None:
         value = getattr(getattr(opts, section), key)
         if value not in allowed:
             raise ValueError(f"{section}.{key} = {value!r} is not allowed; choose one of {list(allowed)}")
-    if opts.pretrain.eval_every < 1:
-        raise ValueError(f"pretrain.eval_every must be >= 1, got {opts.pretrain.eval_every}")
-    if opts.adapt.kmeans_restarts < 1 or opts.adapt.kmeans_iters < 1:
-        raise ValueError(f"adapt.kmeans_restarts and adapt.kmeans_iters must be >= 1, got "
-                         f"{opts.adapt.kmeans_restarts} and {opts.adapt.kmeans_iters}")
+    for (section, key), allowed in RANGES.items():
+        value = getattr(getattr(opts, section), key)
+        if value is not None and value not in allowed:  # None: the option's "not set" (where allowed)
+            raise ValueError(f"{section}.{key} must be {allowed}, got {value}")
+    if not opts.pretrain.seeds:
+        raise ValueError("pretrain.seeds must name at least one seed, got []")
+    if any(m < 0 for m in opts.pretrain.milestones):
+        raise ValueError(f"pretrain.milestones must be epochs >= 0, got {list(opts.pretrain.milestones)}")
+    d = opts.data
+    if d.batch_size % d.num_instances:
+        raise ValueError(f"data.batch_size ({d.batch_size}) must be a multiple of data.num_instances "
+                         f"({d.num_instances}): a batch is P identities x K images")
     r = opts.run
-    if r.log_every < 1:
-        raise ValueError(f"run.log_every must be >= 1, got {r.log_every}")
-    if r.bn_split < 0:
-        raise ValueError(f"run.bn_split must be >= 0 (0 = the whole batch), got {r.bn_split}")
+    if 0 < r.diverge_factor <= 1:
+        raise ValueError(f"run.diverge_factor must be 0 (off) or > 1 (a growth factor), got {r.diverge_factor}")
     if r.sync_bn and r.bn_split:
         raise ValueError("run.sync_bn and run.bn_split exclude each other: set run.bn_split=0 with SyncBN")
-    if r.num_threads is not None and r.num_threads < 1:
-        raise ValueError(f"run.num_threads must be >= 1 or null, got {r.num_threads}")

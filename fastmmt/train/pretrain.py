@@ -25,12 +25,15 @@ from fastmmt.train.common import (
     make_model,
     to_device,
     train_augment,
+    trunk_parameters,
 )
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, apply_update, run_epochs
 from fastmmt.train.model_file import StageResult, model_file
 from fastmmt.train.options import ExperimentOptions, PretrainOptions
+from fastmmt.train.resume_check import defining_options
+from fastmmt.train.run_lock import hold_folder
 from fastmmt.train.runtime import Runtime, autocast, setup_run
 from fastmmt.train.schedule import warmup_multistep_factor
 
@@ -199,16 +202,24 @@ class _Pretrain:
     def write_epoch(self, state: dict, out_dir: Path) -> None:
         pass
 
+    def trained_parameters(self) -> list[torch.Tensor]:
+        return trunk_parameters(self.model)
+
+    def learning_rate(self) -> str:
+        return f"pretrain.lr={self.opts.pretrain.lr:g}, {self.optimizer.param_groups[0]['lr']:.3g} in this epoch"
+
 
 def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOptions, seed: int,
-             out_dir: str | Path, resume: bool = False) -> StageResult:
+             out_dir: str | Path, resume: bool = False, resume_changed: bool = False) -> StageResult:
     """Train one source model with ``seed``; write ``out_dir/model.pt``; evaluate on ``target``.
 
     ``target`` may be None (no BN adaptation, no evaluation). With ``resume`` the run continues
     from ``out_dir/ckpt``'s last readable epoch. ``model.pt`` (and the target metrics) are those
     of the last epoch, or with ``pretrain.select: source_best`` of the epoch with the best
     SOURCE test mAP among the evaluation epochs (every ``pretrain.eval_every`` and the last),
-    the official code's ``model_best.pth.tar``.
+    the official code's ``model_best.pth.tar``. The run holds ``out_dir`` for its duration
+    (:mod:`fastmmt.train.run_lock`); ``resume_changed``: resume even when the options that define
+    the run differ from the checkpoint's (:mod:`fastmmt.train.resume_check`).
     """
     d, p = opts.data, opts.pretrain
     if p.select == "source_best" and not (source.query and source.gallery):
@@ -220,9 +231,18 @@ def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOp
         _check_enough(target, "target", len(target.train), d.batch_size, 1)
     out_dir = Path(out_dir)
     rt = setup_run(opts, seed)
+    with hold_folder(out_dir, rt.ctx):
+        return _pretrain(source, target, opts, seed, out_dir, resume, resume_changed, rt)
+
+
+def _pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOptions, seed: int, out_dir: Path,
+              resume: bool, resume_changed: bool, rt: Runtime) -> StageResult:
+    """:func:`pretrain` once the run holds ``out_dir``."""
     stage = _Pretrain(source, target, opts, rt)
     logger = RunLogger(out_dir) if rt.is_main else None
-    st = run_epochs(stage, rt, out_dir, logger, resume, record_extra=lambda e: {"seed": seed}, start=stage.start)
+    defines = defining_options("pretrain", opts, {"source": source, "target": target}, opts.model)
+    st = run_epochs(stage, rt, out_dir, logger, resume, record_extra=lambda e: {"seed": seed}, start=stage.start,
+                    defines=defines, resume_changed=resume_changed)
     chosen = stage.select_model()
     model_path = ddp.run_on_main(rt.ctx, atomic_save, stage.model_file("model", **chosen), out_dir / "model.pt")
     metrics: dict = {}
