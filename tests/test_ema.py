@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastmmt.ops import ema_alpha, ema_update_, ema_update_module_
+from fastmmt.ops import ema_update_, ema_update_module_
+from fastmmt.train.mean_teacher import ema_alpha
 from fastmmt.ops.ema import load_extension
 
 BACKENDS = ["ext", "foreach", "loop"]
@@ -116,7 +117,7 @@ def test_alpha_edges(backend, dtype, device):
     t0 = [t.clone() for t in teacher]
     ema_update_(teacher, student, 1.0, backend=backend)  # alpha 1: teacher unchanged
     assert all(torch.equal(t, a) for t, a in zip(teacher, t0))
-    ema_update_(teacher, student, ema_alpha(0), backend=backend)  # alpha(0) = 0: exact copy
+    ema_update_(teacher, student, ema_alpha(0, 0.999), backend=backend)  # alpha(0) = 0: exact copy
     assert all(torch.equal(t, s) for t, s in zip(teacher, student))
 
 
@@ -126,13 +127,13 @@ def test_schedule_first_steps(backend):
     teacher, _ = _pairs([(1023,), (65537,)], torch.float32, seed=5)
     ref = [t.double() for t in teacher]
     for step in list(range(6)) + [5000]:
-        alpha = ema_alpha(step)
+        alpha = ema_alpha(step, 0.999)
         student, _ = _pairs([(1023,), (65537,)], torch.float32, seed=100 + step)
         ema_update_(teacher, student, alpha, backend=backend)
         ref = [alpha * r + (1 - alpha) * s.double() for r, s in zip(ref, student)]
     for out, r in zip(teacher, ref):
         assert torch.allclose(out.double(), r, rtol=0, atol=1e-5 * r.abs().max().item())
-    assert ema_alpha(0) == 0.0 and ema_alpha(1) == 0.5 and ema_alpha(10**6) == 0.999
+    assert ema_alpha(0, 0.999) == 0.0 and ema_alpha(1, 0.999) == 0.5 and ema_alpha(10**6, 0.999) == 0.999
 
 
 def _bad_inputs():

@@ -13,7 +13,8 @@ import torch
 import fastmmt.train.mmt as mmt_mod
 from fastmmt.cli import main as cli_main
 from fastmmt.data import generate_domains, load_dataset
-from fastmmt.ops import ema_alpha
+import fastmmt.train.mean_teacher as mean_teacher_mod
+from fastmmt.train.mean_teacher import ema_alpha
 from fastmmt.train import adapt, pretrain
 from fastmmt.train.demo import demo_options
 
@@ -64,13 +65,13 @@ def test_kmeans_mmt_teacher_is_ema_of_student_and_resume_continues(domains, pret
     out, inits = pretrained
     o = tiny_options(out)
     o.adapt.epochs = 1
-    real = mmt_mod.ema_update_module_
+    real = mean_teacher_mod.ema_update_module_
     steps = []
 
     def checked(teachers, students, alpha, backend="auto"):
         before_t, before_s = _snap(teachers), _snap(students)
         ran = real(teachers, students, alpha, backend=backend)
-        assert alpha == pytest.approx(ema_alpha(len(steps) + offset[0]))
+        assert alpha == pytest.approx(ema_alpha(len(steps) + offset[0], o.adapt.ema_alpha))
         for t, bt, bs in zip(teachers, before_t, before_s):
             params = dict(t.named_parameters())
             for k, v in t.state_dict().items():
@@ -88,7 +89,7 @@ def test_kmeans_mmt_teacher_is_ema_of_student_and_resume_continues(domains, pret
         return ran
 
     offset = [0]
-    monkeypatch.setattr(mmt_mod, "ema_update_module_", checked)
+    monkeypatch.setattr(mean_teacher_mod, "ema_update_module_", checked)
     run = out / "kmeans"
     res = adapt(target, inits, o, run)
     assert len(steps) == 2 and steps[0] == 0.0

@@ -7,7 +7,6 @@ runner's :class:`DeviceMeter`; the values are read only afterwards, once. A non-
 refused on the device: no weight, no optimiser state and (``skip``) no mean teacher changes.
 """
 import contextlib
-import copy
 import sys
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 
 import fastmmt.train.mmt as mmt_mod
 from fastmmt.data.loaders import TrainBatch
-from fastmmt.ops import ema_alpha
+from fastmmt.train.mean_teacher import MeanTeacher, ema_alpha
 from fastmmt.train.common import adam, adam_impl, make_model
 from fastmmt.train.distributed import DistContext
 from fastmmt.train.loop import FINITE, DeviceMeter, _check_window
@@ -74,9 +73,7 @@ def _batch(gen, k: int, views: int = 2) -> TrainBatch:
 
 def _nets(o, k=5):
     torch.manual_seed(0)
-    students = [make_model(o.model, k, torch.device("cpu"), o.run.bn_split, fused_bn_split=True) for _ in range(2)]
-    teachers = [copy.deepcopy(s).requires_grad_(False) for s in students]
-    return students, teachers
+    return [make_model(o.model, k, torch.device("cpu"), o.run.bn_split, fused_bn_split=True) for _ in range(2)]
 
 
 def _nan_at(bad_steps, real):
@@ -97,19 +94,20 @@ def _params(nets):
 def test_mmt_steps_read_nothing_on_the_host(policy, gen, monkeypatch):
     o = _opts(on_nonfinite=policy)
     rt = Runtime(o, DistContext(device=torch.device("cpu")), 0)
-    students, teachers = _nets(o)
+    students = _nets(o)
+    mt = MeanTeacher(students, o.adapt.ema_alpha, o.run.ema_backend, device_step=policy == "skip")
+    teachers = mt.teachers
     opt = adam(students, 1e-3, 5e-4, adam_impl(o.run))
     assert adam_impl(o.run) == ("fused" if policy == "skip" else "foreach")
     reads = []
     batches = [_batch(gen, 5) for _ in range(4)]
     monkeypatch.setattr(mmt_mod, "mmt_loss", _nan_at({2}, mmt_mod.mmt_loss))
-    count = torch.tensor(0.0, dtype=torch.float64) if policy == "skip" else None
     meter = DeviceMeter(torch.device("cpu"), skip=policy == "skip")
     snaps = []
     info = {}
     with no_host_reads(reads):
         for it, b in enumerate(batches):
-            out = mmt_mod.mmt_step(students, students, teachers, opt, b, it, o, rt, "", count, info)
+            out = mmt_mod.mmt_step(students, students, mt, opt, b, it, o, rt, "", info)
             meter.add(it, out)
             snaps.append((_params(students), _params(teachers)))
     w = meter.read()  # the one host read of the window
@@ -126,7 +124,7 @@ def test_mmt_steps_read_nothing_on_the_host(policy, gen, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(snaps[1][1], snaps[2][1]))
         assert not all(torch.equal(a, b) for a, b in zip(snaps[2][0], snaps[3][0]))
         assert opt.state[next(iter(students[0].parameters()))]["step"] == 3
-        assert count == 3
+        assert mt.step == 3
     else:  # stop: the step was applied; the run ends at this read, before anything is written
         assert reads and not all(torch.isfinite(p).all() for p in snaps[3][0])
     assert info["ema_backend"] in ("ext", "foreach")
@@ -146,14 +144,15 @@ def test_skip_mean_teacher_follows_the_applied_steps(gen, monkeypatch):
     equal a hand-rolled float64 EMA of the students' weights after each applied step."""
     o = _opts(on_nonfinite="skip")
     rt = Runtime(o, DistContext(device=torch.device("cpu")), 0)
-    students, teachers = _nets(o)
+    students = _nets(o)
+    mt = MeanTeacher(students, o.adapt.ema_alpha, o.run.ema_backend, device_step=True)
+    teachers = mt.teachers
     opt = adam(students, 1e-3, 5e-4, adam_impl(o.run))
     monkeypatch.setattr(mmt_mod, "mmt_loss", _nan_at({1}, mmt_mod.mmt_loss))
-    count = torch.tensor(0.0, dtype=torch.float64)
     expect = [p.detach().double().clone() for t in teachers for p in t.parameters()]
     applied = 0
     for it in range(4):
-        mmt_mod.mmt_step(students, students, teachers, opt, _batch(gen, 5), it, o, rt, "", count)
+        mmt_mod.mmt_step(students, students, mt, opt, _batch(gen, 5), it, o, rt, "")
         if it == 1:
             continue
         a = ema_alpha(applied, o.adapt.ema_alpha)
@@ -168,7 +167,7 @@ def test_skip_mean_teacher_follows_the_applied_steps(gen, monkeypatch):
 def test_baseline_and_pretrain_steps_read_nothing_on_the_host(gen):
     o = _opts()
     rt = Runtime(o, DistContext(device=torch.device("cpu")), 0)
-    (student, _), _ = _nets(o)
+    student, _ = _nets(o)
     opt = adam([student], 1e-3, 5e-4, adam_impl(o.run))
     base, pre = (DeviceMeter(torch.device("cpu"), skip=False) for _ in range(2))
     before = _params([student])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmmt.cli.config import ConfigError, load_options
-from fastmmt.ops import ema_alpha
+from fastmmt.train.mean_teacher import ema_alpha
 from fastmmt.train.bn_split import SplitBatchNorm, convert_bn_split
 from fastmmt.train.checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
 from fastmmt.train.schedule import warmup_multistep_factor
@@ -24,10 +24,10 @@ def test_warmup_multistep_matches_hand_values(epoch, expected):
 
 
 def test_ema_alpha_schedule():
-    assert ema_alpha(0) == 0.0          # the first update copies the student
-    assert ema_alpha(1) == 0.5
-    assert ema_alpha(9) == pytest.approx(0.9)
-    assert ema_alpha(10**6) == 0.999
+    assert ema_alpha(0, 0.999) == 0.0          # the first update copies the student
+    assert ema_alpha(1, 0.999) == 0.5
+    assert ema_alpha(9, 0.999) == pytest.approx(0.9)
+    assert ema_alpha(10**6, 0.999) == 0.999
 
 
 def test_split_batchnorm_matches_per_chunk_statistics():

@@ -6,7 +6,7 @@ torch), ``"torch"`` (the reference in :mod:`fastmmt.ops.reference`) or ``"triton
 exported here); the functions are fastmmt's own calls.
 """
 from fastmmt.ops._dispatch import resolve_backend
-from fastmmt.ops.ema import ema_alpha, ema_update_, ema_update_module_
+from fastmmt.ops.ema import ema_update_, ema_update_module_
 from fastmmt.ops.losses import (
     cross_entropy_label_smooth,
     logits_pair_losses,
@@ -22,7 +22,7 @@ from fastmmt.ops.modules import MMTLoss
 
 __all__ = [
     "CrossEntropyLabelSmooth", "MMTLoss", "MMTLossOutput", "SoftEntropy", "SoftTripletLoss", "TripletLoss",
-    "cross_entropy_label_smooth", "ema_alpha", "ema_update_",
+    "cross_entropy_label_smooth", "ema_update_",
     "ema_update_module_",
     "logits_pair_losses", "mmt_loss", "pairwise_euclidean", "resolve_backend", "soft_entropy",
     "soft_softmax_triplet_loss", "softmax_triplet_loss", "triplet_pair_losses",

@@ -21,11 +21,6 @@ EMA_BACKENDS = ("auto", "ext", "foreach", "loop")
 _EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def ema_alpha(step: int, max_alpha: float = 0.999) -> float:
-    """MMT's schedule ``min(1 - 1/(step+1), max_alpha)``; step counts globally from 0."""
-    return min(1.0 - 1.0 / (step + 1), max_alpha)
-
-
 @functools.lru_cache(maxsize=None)
 def load_extension() -> ModuleType | None:
     """The compiled ``fastmmt._C`` module, or None when it was not built."""

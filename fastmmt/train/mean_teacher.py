@@ -55,12 +55,14 @@ class MeanTeacher:
         self.teachers = [frozen_copy(s) for s in students]
         self.cap, self.backend = cap, backend
         self.step: torch.Tensor | None = None
-        if device_step:
-            self.start_counting(step)
+        self.count_on_device(step if device_step else None)
         self.last_backend: str | None = None
 
-    def start_counting(self, step: int) -> None:
-        """(Re)start the device step count at ``step`` (the run's applied steps so far)."""
+    def count_on_device(self, step: int | None) -> None:
+        """Count on the device from ``step`` (the run's applied steps so far), or on the host (None)."""
+        if step is None:
+            self.step = None
+            return
         device = next(self.teachers[0].parameters()).device
         self.step = torch.tensor(float(step), dtype=torch.float64, device=device)
 

@@ -7,7 +7,6 @@ supervision (S1 <- T2, S2 <- T1) and a parameter-only mean-teacher update after 
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -23,15 +22,10 @@ from fastmmt.data import ReIDDataset
 from fastmmt.data.factory import build_train_loader
 from fastmmt.data.loaders import TrainBatch
 from fastmmt.evaluation import pseudo_label_quality
-from fastmmt.ops import (
-    cross_entropy_label_smooth,
-    ema_alpha,
-    ema_update_module_,
-    mmt_loss,
-    softmax_triplet_loss,
-)
+from fastmmt.ops import cross_entropy_label_smooth, mmt_loss, softmax_triplet_loss
 from fastmmt.train import distributed as ddp
 from fastmmt.train.checkpoint import atomic_save
+from fastmmt.train.mean_teacher import MeanTeacher
 from fastmmt.train.common import (
     adam,
     adam_impl,
@@ -52,13 +46,6 @@ from fastmmt.train.run_lock import hold_folder
 from fastmmt.train.runtime import Runtime, autocast, setup_run
 
 log = logging.getLogger("fastmmt.train")
-
-
-def _make_teacher(student: nn.Module) -> nn.Module:
-    teacher = copy.deepcopy(student)
-    for q in teacher.parameters():
-        q.requires_grad_(False)
-    return teacher
 
 
 def _set_classifiers(students: list[nn.Module], teachers: list[nn.Module], centroids: torch.Tensor) -> None:
@@ -105,31 +92,24 @@ def _epoch_state(epoch: int, st: RunState, nets: list[nn.Module], labels: np.nda
             "clusterer": clusterer.state_dict() if hasattr(clusterer, "state_dict") else None}
 
 
-def _device_alpha(step: torch.Tensor, ok: torch.Tensor, cap: float) -> torch.Tensor:
-    """:func:`~fastmmt.ops.ema_alpha` of a step count held on the device; 1 (no update) when the
-    step was refused."""
-    alpha = torch.clamp(1.0 - 1.0 / (step + 1.0), max=cap)
-    return torch.where(ok, alpha, torch.ones_like(alpha))
-
-
-def mmt_step(nets: list[nn.Module], students: list[nn.Module], teachers: list[nn.Module],
+def mmt_step(nets: list[nn.Module], students: list[nn.Module], mean_teacher: MeanTeacher,
              optimizer: torch.optim.Optimizer, batch: TrainBatch, global_step: int, opts: ExperimentOptions,
-             rt: Runtime, where: str | Callable[[], str] = "", step_count: torch.Tensor | None = None,
-             info: dict | None = None) -> dict[str, torch.Tensor]:
+             rt: Runtime, where: str | Callable[[], str] = "", info: dict | None = None) -> dict[str, torch.Tensor]:
     """One MMT step (both students, cross supervision, optimiser, mean-teacher update).
 
     Returns the loss terms as device tensors and the step's finite flag (``"finite"``). Without
     ``run.sync_each_step`` it reads nothing on the host. Under ``run.on_nonfinite=skip`` the flag
     goes to the fused optimiser (``found_inf``: a non-finite step changes no weight) and to the
-    mean-teacher update as ``alpha = 1``, with the step counted on the device (``step_count``,
-    float64, incremented only by applied steps). Under ``stop`` the step is applied and the
-    mean-teacher update takes ``alpha`` of the host's ``global_step``: the runner reads the flag
+    mean-teacher update as ``alpha = 1``, with the step counted on the device by ``mean_teacher``
+    (incremented only by applied steps). Under ``stop`` the step is applied and the mean-teacher
+    update takes ``alpha`` of the host's ``global_step``: the runner reads the flag
     at the next log point and ends the run before anything is written.
     ``info["ema_backend"]`` receives the name of the mean-teacher backend that ran.
     """
     a, m, r = opts.adapt, opts.model, opts.run
     device, ctx = rt.device, rt.ctx
     sync = r.sync_each_step
+    teachers = mean_teacher.teachers
     y = batch.labels.to(device, non_blocking=True)
     x1 = to_device(batch.views[0], device, m.channels_last)
     x2 = to_device(batch.views[1], device, m.channels_last)
@@ -148,12 +128,7 @@ def mmt_step(nets: list[nn.Module], students: list[nn.Module], teachers: list[nn
     ok = apply_update(loss, optimizer, students + teachers, r, ctx, where)
     if ok is None:
         return {**terms, FINITE: torch.tensor(False)}
-    if step_count is not None:  # skip without a host read: alpha and the count on the device
-        alpha = _device_alpha(step_count, ok, a.ema_alpha)
-        backend = ema_update_module_(teachers, students, alpha, backend=r.ema_backend)
-        step_count += ok.to(step_count.dtype)
-    else:
-        backend = ema_update_module_(teachers, students, ema_alpha(global_step, a.ema_alpha), backend=r.ema_backend)
+    backend = mean_teacher.update(students, step=global_step, ok=ok)
     if info is not None:
         info["ema_backend"] = backend
     return {**terms, FINITE: ok}
@@ -193,7 +168,8 @@ class _Adapt:
         if r.sync_bn:
             students = ddp.convert_sync_bn(students, rt.ctx)
         self.students = students
-        self.teachers = [_make_teacher(s) for s in students] if self.mmt else []
+        self.mean_teacher = MeanTeacher(students, a.ema_alpha, r.ema_backend) if self.mmt else None
+        self.teachers = self.mean_teacher.teachers if self.mmt else []
         if a.method == "dbscan":
             self.clusterer = build_clusterer("dbscan", k1=a.k1, k2=a.k2, rho=a.rho, min_samples=a.min_samples,
                                              seed=r.seed, num_threads=r.num_threads)
@@ -282,8 +258,9 @@ class _Adapt:
         for net in self.nets_all:
             net.train()
         # skip without host reads: the mean teacher's step count lives on the device
-        self.step_count = (torch.tensor(float(st.global_step), dtype=torch.float64, device=device)
-                           if self.mmt and not r.sync_each_step and r.on_nonfinite == "skip" else None)
+        if self.mmt:
+            on_device = not r.sync_each_step and r.on_nonfinite == "skip"
+            self.mean_teacher.count_on_device(st.global_step if on_device else None)
         self.info = {}
         return {"num_clusters": int(res.num_clusters), "num_outliers": int((labels < 0).sum()), **times,
                 **quality}
@@ -294,8 +271,8 @@ class _Adapt:
     def step(self, batch: TrainBatch, it: int, global_step: int, where: Callable[[], str]) -> dict:
         if not self.mmt:
             return baseline_step(self.nets[0], self.students[0], self.optimizer, batch, self.opts, self.rt, where)
-        return mmt_step(self.nets, self.students, self.teachers, self.optimizer, batch, global_step, self.opts,
-                        self.rt, where, self.step_count, self.info)
+        return mmt_step(self.nets, self.students, self.mean_teacher, self.optimizer, batch, global_step, self.opts,
+                        self.rt, where, self.info)
 
     def describe(self, epoch: int, it: int, global_step: int, indices: torch.Tensor | None) -> str:
         return f"epoch {epoch} iteration {it} (global step {global_step})"
