@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from fastmmt.train.options import ExperimentOptions, check_options, option_choices
-from fastmmt.train.runtime import FP16_REFUSED
+from fastmmt.train.options import FP16_REFUSED
 
 CHOICES = option_choices()  # the library's own lists of allowed values
 

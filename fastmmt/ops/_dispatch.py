@@ -26,14 +26,6 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def triton_ops():
-    """:mod:`fastmmt.ops.triton_ops`, imported on first use: importing triton needs a GPU or the
-    interpreter, so the torch backend must not import it."""
-    from fastmmt.ops import triton_ops as module
-
-    return module
-
-
 def triton_interpreter_on() -> bool:
     """True when Triton kernels run under the interpreter (CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

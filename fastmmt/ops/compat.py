@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmmt.ops import reference as ref
-from fastmmt.ops._dispatch import resolve_backend, triton_ops
+from fastmmt.ops._dispatch import resolve_backend
+from fastmmt.ops.losses import triton_ops
 
 __all__ = ["CrossEntropyLabelSmooth", "SoftEntropy", "SoftTripletLoss", "TripletLoss", "clear_mining_cache"]
 

@@ -8,8 +8,15 @@ from __future__ import annotations
 import torch
 
 from fastmmt.ops import reference as ref
-from fastmmt.ops._dispatch import float32_region, resolve_backend, triton_ops
+from fastmmt.ops._dispatch import float32_region, resolve_backend
 
+
+def triton_ops():
+    """:mod:`fastmmt.ops.triton_ops`, imported on first use: importing triton needs a GPU or the
+    interpreter, so the torch backend must not import it."""
+    from fastmmt.ops import triton_ops as module
+
+    return module
 
 
 @float32_region

@@ -138,6 +138,13 @@ class ExperimentOptions:
     run: RunOptions = field(default_factory=RunOptions)
 
 
+AMP_CHOICES = (None, "bf16")  # run.amp
+# fp16 needs a GradScaler (small gradients underflow in fp16) and the trainers have none; bf16 has
+# float32's exponent range and needs no scaling.
+FP16_REFUSED = ("amp='fp16' is not supported: fp16 training needs gradient scaling, which the "
+                "trainers do not do (small gradients would underflow to zero); use amp='bf16'")
+
+
 def option_choices() -> dict[tuple[str, str], tuple]:
     """(section, key) -> the values the library accepts for that option."""
     from fastmmt.cluster.kmeans import KMEANS_BACKENDS
@@ -145,7 +152,6 @@ def option_choices() -> dict[tuple[str, str], tuple]:
     from fastmmt.models import ARCHS
     from fastmmt.ops._dispatch import BACKENDS as LOSS_BACKENDS
     from fastmmt.ops.ema import EMA_BACKENDS
-    from fastmmt.train.runtime import AMP_CHOICES
 
     return {
         ("data", "backend"): DATA_BACKENDS,
@@ -205,8 +211,6 @@ RANGES: dict[tuple[str, str], Range] = {
 
 def check_options(opts: ExperimentOptions) -> None:
     """Raise ``ValueError`` naming the first option whose value the library does not accept."""
-    from fastmmt.train.runtime import FP16_REFUSED
-
     if opts.run.amp == "fp16":
         raise ValueError(f"run.amp: {FP16_REFUSED}")
     for (section, key), allowed in option_choices().items():

@@ -14,7 +14,7 @@ import torch
 from fastmmt.machine import listed_nvidia_gpus
 from fastmmt.train import distributed as ddp
 from fastmmt.train.distributed import DistContext
-from fastmmt.train.options import ExperimentOptions, check_options
+from fastmmt.train.options import FP16_REFUSED, ExperimentOptions, check_options
 
 
 def cuda_unusable_reason() -> str:
@@ -47,11 +47,6 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 _AMP = {None: None, "none": None, "bf16": torch.bfloat16}
-AMP_CHOICES = (None, "bf16")  # run.amp
-# fp16 needs a GradScaler (small gradients underflow in fp16) and the trainers have none; bf16 has
-# float32's exponent range and needs no scaling.
-FP16_REFUSED = ("amp='fp16' is not supported: fp16 training needs gradient scaling, which the "
-                "trainers do not do (small gradients would underflow to zero); use amp='bf16'")
 
 
 def amp_dtype(amp: str | None) -> torch.dtype | None:
