@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 mmt = importlib.import_module("fastmmt.train.mmt")
 pt = importlib.import_module("fastmmt.train.pretrain")  # the package's ``pretrain`` is the function
-loop = importlib.import_module("fastmmt.train.loop")  # every step's update (apply_update) checks its loss there
+update = importlib.import_module("fastmmt.train.update")  # every step's update (apply_update) checks its loss there
 from fastmmt.cli.config import load_options
 from fastmmt.data import load_dataset
 from fastmmt.train.distributed import cleanup
@@ -104,7 +104,7 @@ if stage == "adapt":
 else:
     pt.make_model, pt.adam = to_float64(pt.make_model), recording_adam
     # the step checks its loss once: on the host (run.sync_each_step) or as a device flag (default)
-    loop.step_is_finite, loop.finite_flag = recording_total(loop.step_is_finite), recording_total(loop.finite_flag)
+    update.step_is_finite, update.finite_flag = recording_total(update.step_is_finite), recording_total(update.finite_flag)
     res = pt.pretrain(load_dataset("synthetic", opts.data.source_root), target, opts, seed=1, out_dir=out)
     torch.save({"steps": steps, "model": torch.load(res.model_path, weights_only=False)["model"] if rank == 0 else None},
                Path(dump) / f"rank{rank}_ep{opts.pretrain.epochs - 1}.pt")

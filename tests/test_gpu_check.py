@@ -44,6 +44,11 @@ def test_dry_run_listed_gpu_that_torch_cannot_use_fails(tmp_path, mode):
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine runs the real check")
     env = {**os.environ, "PATH": _fake_smi(tmp_path / "bin")}
+    if mode == "venv":  # the venv this test runs in, set up by scripts/dev.sh (else dev.sh would make one)
+        venv = Path(sys.executable).parent.parent
+        if not (venv / ".fastmmt-setup").is_file():
+            pytest.skip(f"{venv} was not set up by scripts/dev.sh")
+        env["FASTMMT_VENV"] = str(venv)
     args = ["bash", "scripts/gpu_check.sh", "--quick", "--out", str(tmp_path / "out")]
     if mode == "system":  # the machine's python3, as on a GPU box without a registry
         args.insert(2, "--system")

@@ -18,8 +18,8 @@ from fastmmt.data.loaders import TrainBatch
 from fastmmt.train.mean_teacher import MeanTeacher, ema_alpha
 from fastmmt.train.common import adam, adam_impl, make_model
 from fastmmt.train.distributed import DistContext
-from fastmmt.train.loop import FINITE, DeviceMeter, _check_window
-from fastmmt.train.common import NonFiniteLossError
+from fastmmt.train.loop import FINITE, DeviceMeter
+from fastmmt.train.update import NonFiniteLossError, check_window
 from fastmmt.train.options import ExperimentOptions
 from fastmmt.train.pretrain import pretrain_step
 from fastmmt.train.runtime import Runtime
@@ -134,9 +134,9 @@ def test_mmt_steps_read_nothing_on_the_host(policy, gen, monkeypatch):
     if policy == "stop":
         with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 0 iteration 2 "
                                                      r"\(global step 2\); 2 of the steps of iterations 0-3"):
-            _check_window(w, 0, 3, "stop", describe, 4)
+            check_window(w, 0, 3, "stop", describe, 4)
     else:
-        _check_window(w, 0, 3, "skip", describe, 4)
+        check_window(w, 0, 3, "skip", describe, 4)
 
 
 def test_skip_mean_teacher_follows_the_applied_steps(gen, monkeypatch):
@@ -189,7 +189,7 @@ def test_baseline_and_pretrain_steps_read_nothing_on_the_host(gen):
 
 def test_the_patch_catches_a_read():
     """The patch itself works: the old step's finite check reads the loss and is caught."""
-    from fastmmt.train.common import step_is_finite
+    from fastmmt.train.update import step_is_finite
 
     with no_host_reads(), pytest.raises(AssertionError, match="host read"):
         step_is_finite(torch.tensor(1.0), "x")

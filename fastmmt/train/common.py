@@ -1,9 +1,8 @@
-"""Pieces every stage shares: building models and optimisers, guards."""
+"""Pieces every stage shares: building models and optimisers, label and device helpers."""
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -12,14 +11,11 @@ from torch import nn
 from fastmmt.data.augment import AugmentSpec
 from fastmmt.models import ReIDNet, build_model
 from fastmmt.train.bn_split import convert_bn_split
-from fastmmt.train.distributed import DistContext, all_true
+from fastmmt.train.distributed import DistContext
 from fastmmt.train.options import DataOptions, ModelOptions, RunOptions
 
 log = logging.getLogger("fastmmt.train")
 
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss or feature became NaN/inf: the step is refused (nothing is updated)."""
 
 
 def make_model(mopts: ModelOptions, num_classes: int, device: torch.device, bn_split: int = 0,
@@ -73,13 +69,6 @@ def adam_impl(ropts: RunOptions) -> str:
     return "fused" if ropts.on_nonfinite == "skip" else "foreach"
 
 
-def refuse_if_not_finite(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
-    """Hand the step's finite flag to a fused optimiser (no update when it is False); other
-    optimisers apply the step (``stop`` ends the run at the next read of the flag)."""
-    if optimizer.defaults.get("fused"):
-        optimizer.found_inf = (~ok).to(torch.float32)
-
-
 def check_label_range(labels: np.ndarray, num_classes: int, what: str) -> None:
     """Every trained label (outliers, -1, are not trained on) in [0, num_classes): checked once
     when the labels are made, so the loss ops need not check them in every step."""
@@ -104,24 +93,3 @@ def train_augment(dopts: DataOptions) -> AugmentSpec | None:
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def step_is_finite(value: torch.Tensor, what: str | Callable[[], str], policy: str = "stop",
-                   ctx: DistContext | None = None) -> bool:
-    """Whether the step with loss ``value`` may proceed; a NaN/inf loss (on any rank) refuses it.
-
-    ``policy="stop"`` raises :class:`NonFiniteLossError` naming the batch (``what``); ``"skip"``
-    logs a warning and returns False (the caller skips backward, optimiser and EMA). This reads
-    the loss on the host: the ``run.sync_each_step`` step only.
-    """
-    v = float(value.detach())
-    finite = math.isfinite(v)
-    if ctx is not None:
-        finite = all_true(finite, ctx)
-    if finite:
-        return True
-    msg = f"non-finite loss ({v}) at {what() if callable(what) else what}; the step was refused"
-    if policy == "stop":
-        raise NonFiniteLossError(msg + " and the run stopped (run.on_nonfinite=skip skips such steps)")
-    log.warning("%s and skipped (run.on_nonfinite=skip)", msg)
-    return False

@@ -31,12 +31,11 @@ from tqdm.auto import tqdm
 
 from fastmmt.train import distributed as ddp
 from fastmmt.train.checkpoint import CheckpointError, atomic_save, read_resume_checkpoint, save_checkpoint
-from fastmmt.train.common import NonFiniteLossError, refuse_if_not_finite, step_is_finite
 from fastmmt.train.divergence import DivergenceGuard
 from fastmmt.train.logger import RunLogger
-from fastmmt.train.options import RunOptions
 from fastmmt.train.resume_check import HEADER, check_resume
 from fastmmt.train.runtime import Runtime, epoch_seed, seed_everything
+from fastmmt.train.update import check_window
 
 log = logging.getLogger("fastmmt.train")
 
@@ -163,18 +162,6 @@ class HostMeter:
         return w
 
 
-def _check_window(w: dict, first_it: int, last_it: int, policy: str, describe: Callable[[int], str],
-                  log_every: int) -> None:
-    """Act on a window's non-finite steps: raise (stop) or warn (skip)."""
-    if not w["bad"] or w["first_bad"] < 0:
-        return
-    what = (f"non-finite loss ({w['bad_loss']}) at {describe(w['first_bad'])}; {w['bad']} of the steps of "
-            f"iterations {first_it}-{last_it} (one run.log_every={log_every} window) were non-finite")
-    if policy == "stop":
-        raise NonFiniteLossError(what + "; the run stopped (run.on_nonfinite=skip skips such steps)")
-    log.warning("%s and were skipped (run.on_nonfinite=skip)", what)
-
-
 def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState,
                 guard: DivergenceGuard | None = None) -> tuple[dict, int]:
     """One epoch of steps; returns (mean loss terms, refused steps) and advances ``st.global_step``.
@@ -217,7 +204,7 @@ def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState,
                 guard.check(guard.measure().tolist(), lambda: describe(it))
         elif at_read:
             w = meter.read(None if guard is None else guard.measure())
-            _check_window(w, first_it, it, r.on_nonfinite, describe, every)
+            check_window(w, first_it, it, r.on_nonfinite, describe, every)
             if guard is not None:
                 guard.check(w["extra"], lambda: describe(it))
             if w["finite"] and "loss" in w["sums"]:
@@ -336,32 +323,3 @@ def _write_epoch(stage: Stage, state: dict, record: dict, out_dir: Path, logger:
     save_checkpoint(state, out_dir / "ckpt")
     stage.write_epoch(state, out_dir)
     logger.log(record)
-
-
-def finite_flag(loss: torch.Tensor, ctx: ddp.DistContext) -> torch.Tensor:
-    """Whether ``loss`` is finite on every rank, as a bool tensor on the device (never read here)."""
-    return ddp.all_true_tensor(torch.isfinite(loss.detach()), ctx)
-
-
-def apply_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, modules: list[nn.Module],
-                 r: RunOptions, ctx: ddp.DistContext, where: str | Callable[[], str]) -> torch.Tensor | None:
-    """The update every step ends with: check the loss, backward of the global loss, optimiser
-    step, BN buffers from rank 0 (as DataParallel kept GPU 0's).
-
-    Returns the step's finite flag (a bool tensor, never read here), or None when the
-    ``run.sync_each_step`` step read a non-finite loss under ``skip`` (nothing was applied).
-    Without ``run.sync_each_step`` the flag goes to a fused optimiser as its ``found_inf``
-    (``skip``: no weight changes) and the runner reads it at the next log point.
-    """
-    if r.sync_each_step:
-        if not step_is_finite(loss, where, r.on_nonfinite, ctx):
-            return None
-        ok = torch.tensor(True)
-    else:
-        ok = finite_flag(loss, ctx)
-        refuse_if_not_finite(optimizer, ok)
-    optimizer.zero_grad(set_to_none=True)
-    (loss * ctx.world_size).backward()  # DDP averages: the gradient of the global loss
-    optimizer.step()
-    ddp.broadcast_buffers(modules, ctx)
-    return ok

@@ -38,7 +38,8 @@ from fastmmt.train.common import (
 )
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.logger import RunLogger
-from fastmmt.train.loop import FINITE, RunState, apply_update, run_epochs
+from fastmmt.train.loop import FINITE, RunState, run_epochs
+from fastmmt.train.update import apply_update
 from fastmmt.train.model_file import StageResult, load_model_file, model_file
 from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions, check_options
 from fastmmt.train.resume_check import defining_options
@@ -125,13 +126,8 @@ def mmt_step(nets: list[nn.Module], students: list[nn.Module], mean_teacher: Mea
     loss = out.total
     terms = {"loss": loss.detach(), "loss_ce": out.ce.detach(), "loss_tri": out.tri.detach(),
              "loss_soft_ce": out.soft_ce.detach(), "loss_soft_tri": out.soft_tri.detach()}
-    ok = apply_update(loss, optimizer, students + teachers, r, ctx, where)
-    if ok is None:
-        return {**terms, FINITE: torch.tensor(False)}
-    backend = mean_teacher.update(students, step=global_step, ok=ok)
-    if info is not None:
-        info["ema_backend"] = backend
-    return {**terms, FINITE: ok}
+    ok = apply_update(loss, optimizer, students + teachers, r, ctx, where, mean_teacher, students, global_step, info)
+    return {**terms, FINITE: torch.tensor(False) if ok is None else ok}
 
 
 def baseline_step(net: nn.Module, student: nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch,

@@ -29,7 +29,8 @@ from fastmmt.train.common import (
 )
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.logger import RunLogger
-from fastmmt.train.loop import FINITE, RunState, apply_update, run_epochs
+from fastmmt.train.loop import FINITE, RunState, run_epochs
+from fastmmt.train.update import apply_update
 from fastmmt.train.model_file import StageResult, model_file
 from fastmmt.train.options import ExperimentOptions, PretrainOptions
 from fastmmt.train.resume_check import defining_options
@@ -172,7 +173,6 @@ class _Pretrain:
     def _source_eval(self, epoch: int, record: dict) -> None:
         """Source test mAP of this epoch; keep the weights when it beats every earlier one (strictly,
         as the official code: on a tie the earlier epoch stays)."""
-        o = self.opts
         met = self.source_test.evaluate(self.model)
         record.update({f"source_{k}": v for k, v in met.items()})
         if met["mAP"] > self.best.get("mAP", -1.0):
