@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 
 from fastmmt.data.records import DatasetError, ImageRecord, ReIDDataset
 
+MARKET_FOLDER = "Market-1501-v15.09.15"  # Market-1501's release folder (the synthetic data copies its layout)
+
 MARKET_PATTERN = re.compile(r"([-\d]+)_c(\d)")
 MSMT_PATTERN = re.compile(r"([-\d]+)_([-\d]+)_([-\d]+)")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -70,7 +72,7 @@ def _market_like(name: str, root: str, folder: str, num_cams: int) -> ReIDDatase
 
 def load_market1501(root: str) -> ReIDDataset:
     """Market-1501-v15.09.15: 6 cameras."""
-    return _market_like("market1501", root, "Market-1501-v15.09.15", 6)
+    return _market_like("market1501", root, MARKET_FOLDER, 6)
 
 
 def load_dukemtmc(root: str) -> ReIDDataset:
@@ -80,7 +82,7 @@ def load_dukemtmc(root: str) -> ReIDDataset:
 
 def load_synthetic(root: str) -> ReIDDataset:
     """A domain written by :func:`fastmmt.data.generate_synthetic` (Market layout, cameras 1-9)."""
-    return _market_like("synthetic", root, "Market-1501-v15.09.15", 9)
+    return _market_like("synthetic", root, MARKET_FOLDER, 9)
 
 
 def _read_msmt_list(list_file: str, image_dir: str) -> list[ImageRecord]:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-MARKET_FOLDER = "Market-1501-v15.09.15"
+from fastmmt.data.datasets import MARKET_FOLDER
+
 PID_OFFSET = {"source": 0, "target": 5000}  # keeps the two domains' 4-digit pids disjoint
 
 

@@ -41,7 +41,7 @@ from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, run_epochs
 from fastmmt.train.update import apply_update
 from fastmmt.train.model_file import StageResult, load_model_file, model_file
-from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions, check_options
+from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions
 from fastmmt.train.resume_check import defining_options
 from fastmmt.train.run_lock import hold_folder
 from fastmmt.train.runtime import Runtime, autocast, setup_run
@@ -315,7 +315,6 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
     (:mod:`fastmmt.train.resume_check`).
     """
     a = opts.adapt
-    check_options(opts)
     mmt = a.method != "baseline"
     if len(init_models) != (2 if mmt else 1):
         raise ValueError(f"method {a.method} needs {2 if mmt else 1} pre-trained model(s), got {len(init_models)}")
