@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from fastmmt.train import distributed as ddp
 from fastmmt.train.checkpoint import CheckpointError, atomic_save, read_resume_checkpoint, save_checkpoint
 from fastmmt.train.divergence import DivergenceGuard
+from fastmmt.train.hooks import Hook, Hooks
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.resume_check import HEADER, check_resume
 from fastmmt.train.runtime import Runtime, epoch_seed, seed_everything
@@ -162,7 +163,7 @@ class HostMeter:
         return w
 
 
-def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState,
+def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState, hooks: Hooks,
                 guard: DivergenceGuard | None = None) -> tuple[dict, int]:
     """One epoch of steps; returns (mean loss terms, refused steps) and advances ``st.global_step``.
 
@@ -193,6 +194,7 @@ def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState,
         gs = start + applied
         out = stage.step(batch, it, gs, lambda it=it, gs=gs: stage.describe(epoch, it, gs, window[it]))
         meter.add(it, out)
+        hooks.after_step(epoch, it, out)
         applied += 1
         at_read = (it + 1) % r.log_every == 0 or it + 1 == stage.iters
         if sync:
@@ -223,7 +225,7 @@ def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger
                eval_every: int = 0, select_best: bool = False, best_of: tuple[str, ...] | None = None,
                record_extra: Callable[[int], dict] | None = None,
                start: Callable[[], None] | None = None, defines: dict | None = None,
-               resume_changed: bool = False) -> RunState:
+               resume_changed: bool = False, hooks: Iterable[Hook] = ()) -> RunState:
     """Run ``stage`` from its first (or resumed) epoch to its last.
 
     ``resume``: restore ``out_dir/ckpt``'s last readable epoch (``stage.load_state_dict``); then
@@ -234,8 +236,10 @@ def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger
     ``select_best``, then the checkpoint and the record (``logger``: rank 0's, None elsewhere).
     ``defines``: the run's defining options (:func:`~fastmmt.train.resume_check.defining_options`),
     recorded in every checkpoint and compared on resume (refused when they differ, unless
-    ``resume_changed``). ``run.diverge_factor`` > 0: the divergence guard is on.
+    ``resume_changed``). ``run.diverge_factor`` > 0: the divergence guard is on. ``hooks``: user
+    callbacks (:mod:`fastmmt.train.hooks`) before each epoch, after each step and after each epoch.
     """
+    hooks = Hooks(hooks)
     out_dir = Path(out_dir)
     ctx = rt.ctx
     st = RunState()
@@ -259,8 +263,9 @@ def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger
         record: dict[str, Any] = {"stage": stage.name, **(record_extra(epoch) if record_extra else {}),
                                   "epoch": epoch}
         extra = stage.begin_epoch(epoch, st)
+        hooks.before_epoch(epoch, st.global_step)
         t0 = time.perf_counter()
-        means, skipped = train_epoch(stage, rt, epoch, st, guard)
+        means, skipped = train_epoch(stage, rt, epoch, st, hooks, guard)
         seconds = time.perf_counter() - t0
         record.update(means)
         record.update(extra)
@@ -278,6 +283,7 @@ def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger
         if ctx.is_main:
             log.info("%s epoch %d: %s", stage.name, epoch,
                      ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
+        hooks.after_epoch(epoch, record)
         st.epoch = epoch + 1
     return st
 

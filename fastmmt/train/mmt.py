@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from fastmmt.data.loaders import TrainBatch
 from fastmmt.evaluation import pseudo_label_quality
 from fastmmt.ops import cross_entropy_label_smooth, mmt_loss, softmax_triplet_loss
 from fastmmt.train import distributed as ddp
+from fastmmt.train.hooks import Hook
 from fastmmt.train.checkpoint import atomic_save
 from fastmmt.train.mean_teacher import MeanTeacher
 from fastmmt.train.common import (
@@ -297,7 +298,7 @@ class _Adapt:
 
 
 def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, out_dir: str | Path,
-          resume: bool = False, resume_changed: bool = False) -> StageResult:
+          resume: bool = False, resume_changed: bool = False, hooks: Iterable[Hook] = ()) -> StageResult:
     """Run Stage II on ``target`` from pre-trained model files (two for MMT, one for the baseline).
 
     ``kmeans`` / ``dbscan``: MMT on clusters; ``baseline``: one model on its own k-means clusters;
@@ -312,7 +313,8 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
     Under torchrun every rank calls this; see :mod:`fastmmt.train.distributed`. The run holds
     ``out_dir`` for its duration (:mod:`fastmmt.train.run_lock`); ``resume_changed``: resume even
     when the options that define the run differ from the checkpoint's
-    (:mod:`fastmmt.train.resume_check`).
+    (:mod:`fastmmt.train.resume_check`). ``hooks``: user callbacks of the epoch runner
+    (:mod:`fastmmt.train.hooks`).
     """
     a = opts.adapt
     mmt = a.method != "baseline"
@@ -321,11 +323,11 @@ def adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, 
     out_dir = Path(out_dir)
     rt = setup_run(opts)
     with hold_folder(out_dir, rt.ctx):
-        return _adapt(target, init_models, opts, out_dir, resume, resume_changed, rt)
+        return _adapt(target, init_models, opts, out_dir, resume, resume_changed, rt, hooks)
 
 
 def _adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions, out_dir: Path, resume: bool,
-           resume_changed: bool, rt: Runtime) -> StageResult:
+           resume_changed: bool, rt: Runtime, hooks: Iterable[Hook]) -> StageResult:
     """:func:`adapt` once the run holds ``out_dir``."""
     a, r = opts.adapt, opts.run
     stage = _Adapt(target, init_models, opts, rt)
@@ -335,7 +337,8 @@ def _adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions,
     # official code chose its figure (on the test set: opt-in)
     best_of = tuple(stage.eval_models())
     st = run_epochs(stage, rt, out_dir, logger, resume, eval_every=r.eval_every, select_best=r.select_best,
-                    best_of=best_of, start=stage.start, defines=defines, resume_changed=resume_changed)
+                    best_of=best_of, start=stage.start, defines=defines, resume_changed=resume_changed,
+                    hooks=hooks)
     eval_net = stage.eval_net
     final_path = ddp.run_on_main(rt.ctx, atomic_save, model_file(eval_net, eval_net.classifier.out_features,
                                                                  method=a.method), out_dir / "model.pt")

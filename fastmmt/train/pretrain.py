@@ -3,7 +3,7 @@ adaptation (a target batch is forwarded in train mode each iteration and its out
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from fastmmt.data.factory import build_train_loader
 from fastmmt.data.loaders import TrainBatch
 from fastmmt.ops import cross_entropy_label_smooth, softmax_triplet_loss
 from fastmmt.train import distributed as ddp
+from fastmmt.train.hooks import Hook
 from fastmmt.train.checkpoint import atomic_save
 from fastmmt.train.common import (
     adam,
@@ -210,7 +211,8 @@ class _Pretrain:
 
 
 def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOptions, seed: int,
-             out_dir: str | Path, resume: bool = False, resume_changed: bool = False) -> StageResult:
+             out_dir: str | Path, resume: bool = False, resume_changed: bool = False,
+             hooks: Iterable[Hook] = ()) -> StageResult:
     """Train one source model with ``seed``; write ``out_dir/model.pt``; evaluate on ``target``.
 
     ``target`` may be None (no BN adaptation, no evaluation). With ``resume`` the run continues
@@ -219,7 +221,8 @@ def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOp
     SOURCE test mAP among the evaluation epochs (every ``pretrain.eval_every`` and the last),
     the official code's ``model_best.pth.tar``. The run holds ``out_dir`` for its duration
     (:mod:`fastmmt.train.run_lock`); ``resume_changed``: resume even when the options that define
-    the run differ from the checkpoint's (:mod:`fastmmt.train.resume_check`).
+    the run differ from the checkpoint's (:mod:`fastmmt.train.resume_check`). ``hooks``: user
+    callbacks of the epoch runner (:mod:`fastmmt.train.hooks`).
     """
     d, p = opts.data, opts.pretrain
     if p.select == "source_best" and not (source.query and source.gallery):
@@ -232,17 +235,17 @@ def pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOp
     out_dir = Path(out_dir)
     rt = setup_run(opts, seed)
     with hold_folder(out_dir, rt.ctx):
-        return _pretrain(source, target, opts, seed, out_dir, resume, resume_changed, rt)
+        return _pretrain(source, target, opts, seed, out_dir, resume, resume_changed, rt, hooks)
 
 
 def _pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOptions, seed: int, out_dir: Path,
-              resume: bool, resume_changed: bool, rt: Runtime) -> StageResult:
+              resume: bool, resume_changed: bool, rt: Runtime, hooks: Iterable[Hook]) -> StageResult:
     """:func:`pretrain` once the run holds ``out_dir``."""
     stage = _Pretrain(source, target, opts, rt)
     logger = RunLogger(out_dir) if rt.is_main else None
     defines = defining_options("pretrain", opts, {"source": source, "target": target}, opts.model)
     st = run_epochs(stage, rt, out_dir, logger, resume, record_extra=lambda e: {"seed": seed}, start=stage.start,
-                    defines=defines, resume_changed=resume_changed)
+                    defines=defines, resume_changed=resume_changed, hooks=hooks)
     chosen = stage.select_model()
     model_path = ddp.run_on_main(rt.ctx, atomic_save, stage.model_file("model", **chosen), out_dir / "model.pt")
     metrics: dict = {}

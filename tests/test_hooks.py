@@ -1,0 +1,55 @@
+"""The epoch runner's hooks: called in order on a real (tiny) run, and the docs' example hook
+(docs/training.md, the block between the hook-example markers) works as written."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from fastmmt.data import generate_domains, load_dataset
+from fastmmt.train import pretrain
+from fastmmt.train.hooks import Hook, Hooks
+from fixtures.make_compat_fixtures import fixture_options
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
+
+
+def _doc_example() -> dict:
+    text = DOCS.read_text()
+    block = re.search(r"<!-- hook-example -->\n```python\n(.*?)```\n<!-- /hook-example -->", text, re.S)
+    assert block, "docs/training.md lost its hook example"
+    namespace: dict = {}
+    exec(compile(block.group(1), str(DOCS), "exec"), namespace)
+    return namespace
+
+
+class Recorder(Hook):
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def before_epoch(self, epoch, global_step):
+        self.calls.append(("before", epoch, global_step))
+
+    def after_step(self, epoch, it, out):
+        assert {"loss", "finite"} <= set(out)
+        self.calls.append(("step", epoch, it))
+
+    def after_epoch(self, epoch, record):
+        self.calls.append(("after", epoch, record["global_step"], "train_seconds" in record))
+
+
+def test_hooks_are_called_in_order_and_the_docs_timer_times_every_step(tmp_path):
+    src, _ = generate_domains(str(tmp_path / "data"), seed=3, size="tiny", height=32, width=16)
+    o = fixture_options(tmp_path / "run")
+    o.pretrain.epochs, o.pretrain.iters, o.pretrain.eval_every = 2, 3, 2
+    timer, rec = _doc_example()["StepTimer"](), Recorder()
+    pretrain(load_dataset("synthetic", src), None, o, seed=1, out_dir=tmp_path / "run" / "s1", hooks=[timer, rec])
+    assert rec.calls == [("before", 0, 0), ("step", 0, 0), ("step", 0, 1), ("step", 0, 2), ("after", 0, 3, True),
+                         ("before", 1, 3), ("step", 1, 0), ("step", 1, 1), ("step", 1, 2), ("after", 1, 6, True)]
+    assert sorted(timer.seconds) == [0, 1] and all(len(v) == 3 and min(v) > 0 for v in timer.seconds.values())
+
+
+def test_hooks_must_be_hooks():
+    with pytest.raises(TypeError, match="Hook instances, got function"):
+        Hooks([lambda *a: None])
