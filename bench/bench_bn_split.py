@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastmmt.train.bn_split import SplitBatchNorm
+from fastmmt.models.bn_split import SplitBatchNorm
 
 SMALL = os.environ.get("FASTMMT_BENCH_SMALL", "0") not in ("", "0")
 SHAPES = [(64, 64, 128, 64), (64, 256, 64, 32), (64, 2048, 16, 8)]

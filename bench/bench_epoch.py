@@ -48,7 +48,7 @@ import torch
 import fastmmt.train.loop as loop
 from fastmmt.data import generate_synthetic, load_dataset
 from fastmmt.train.checkpoint import atomic_save
-from fastmmt.train.common import make_model
+from fastmmt.models.factory import make_model
 from fastmmt.train.mmt import adapt
 from fastmmt.train.model_file import model_file
 from fastmmt.train.options import ExperimentOptions

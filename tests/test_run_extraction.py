@@ -12,7 +12,7 @@ from fastmmt.data import ImageRecord, ReIDDataset
 from fastmmt.data.decoded_cache import DecodedCacheError
 from fastmmt.data.factory import build_test_loader
 from fastmmt.evaluation import evaluate_features, extract_features
-from fastmmt.train.common import make_model
+from fastmmt.models.factory import make_model
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.options import ExperimentOptions
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from fastmmt.cli.config import ConfigError, load_options
 from fastmmt.train.mean_teacher import ema_alpha
-from fastmmt.train.bn_split import SplitBatchNorm, convert_bn_split
+from fastmmt.models.bn_split import SplitBatchNorm, convert_bn_split
 from fastmmt.train.checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
 from fastmmt.train.schedule import warmup_multistep_factor
 
@@ -167,7 +167,7 @@ def test_run_logger_start_at_drops_replayed_epochs_and_final(tmp_path):
 
 
 def test_load_model_file_builds_the_saved_architecture(tmp_path, caplog):
-    from fastmmt.train.common import make_model
+    from fastmmt.models.factory import make_model
     from fastmmt.train.options import ExperimentOptions, ModelOptions
     from fastmmt.train.model_file import load_model_file, model_file
 

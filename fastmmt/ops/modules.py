@@ -4,7 +4,6 @@ The single-term loss modules are those of :mod:`fastmmt.ops.compat`, with the co
 calls of MMT's own classes (what re-ID code expects); fastmmt-style calls are the functions."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from fastmmt.ops.mmt_loss import MMTLossOutput, mmt_loss

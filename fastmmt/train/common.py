@@ -9,27 +9,10 @@ import torch
 from torch import nn
 
 from fastmmt.data.augment import AugmentSpec
-from fastmmt.models import ReIDNet, build_model
-from fastmmt.train.bn_split import convert_bn_split
 from fastmmt.train.distributed import DistContext
-from fastmmt.train.options import DataOptions, ModelOptions, RunOptions
+from fastmmt.train.options import DataOptions, RunOptions
 
 log = logging.getLogger("fastmmt.train")
-
-
-
-def make_model(mopts: ModelOptions, num_classes: int, device: torch.device, bn_split: int = 0,
-               pretrained: str | None = None, fused_bn_split: bool = False) -> ReIDNet:
-    """Build the re-ID network on ``device`` with the run's BN split and memory format; the
-    options it was built with stay on it as ``model.model_options``."""
-    model = build_model(mopts.arch, num_classes, dropout=mopts.dropout, pretrained=pretrained,
-                        base_width=mopts.base_width)
-    model.model_options = mopts  # what a model file records of it (fastmmt.train.model_file)
-    convert_bn_split(model, bn_split, fused=fused_bn_split)
-    model = model.to(device)
-    if mopts.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def trunk_parameters(model: nn.Module) -> list[torch.Tensor]:

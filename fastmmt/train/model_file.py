@@ -13,7 +13,7 @@ import torch
 
 from fastmmt.models.official import is_official_checkpoint, load_official_weights, official_checkpoint_from
 from fastmmt.safe_load import safe_load
-from fastmmt.train.common import make_model
+from fastmmt.models.factory import make_model
 from fastmmt.train.options import ExperimentOptions
 
 log = logging.getLogger("fastmmt.train")
@@ -32,7 +32,7 @@ class StageResult:
 
 def model_file(model: torch.nn.Module, num_classes: int, **extra) -> dict:
     """What a ``model.pt`` holds: weights, classifier size and the options the network was built
-    with (by :func:`~fastmmt.train.common.make_model`)."""
+    with (by :func:`~fastmmt.models.factory.make_model`)."""
     return {"model": model.state_dict(), "num_classes": int(num_classes),
             "model_options": asdict(model.model_options), **extra}
 

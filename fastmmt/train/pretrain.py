@@ -14,6 +14,7 @@ from fastmmt.data import ReIDDataset
 from fastmmt.data.factory import build_train_loader
 from fastmmt.data.loaders import TrainBatch
 from fastmmt.ops import cross_entropy_label_smooth, softmax_triplet_loss
+from fastmmt.models.factory import make_model
 from fastmmt.train import distributed as ddp
 from fastmmt.train.hooks import Hook
 from fastmmt.train.checkpoint import atomic_save
@@ -23,7 +24,6 @@ from fastmmt.train.common import (
     check_label_range,
     compile_backbones,
     data_device_id,
-    make_model,
     to_device,
     train_augment,
     trunk_parameters,
