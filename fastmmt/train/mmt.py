@@ -40,12 +40,12 @@ from fastmmt.train.common import (
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, run_epochs
-from fastmmt.train.update import apply_update
 from fastmmt.train.model_file import StageResult, load_model_file, model_file
 from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions
 from fastmmt.train.resume_check import defining_options
 from fastmmt.train.run_lock import hold_folder
 from fastmmt.train.runtime import Runtime, autocast, setup_run
+from fastmmt.train.update import apply_update
 
 log = logging.getLogger("fastmmt.train")
 

@@ -31,13 +31,13 @@ from fastmmt.train.common import (
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, run_epochs
-from fastmmt.train.update import apply_update
 from fastmmt.train.model_file import StageResult, model_file
 from fastmmt.train.options import ExperimentOptions, PretrainOptions
 from fastmmt.train.resume_check import defining_options
 from fastmmt.train.run_lock import hold_folder
 from fastmmt.train.runtime import Runtime, autocast, setup_run
 from fastmmt.train.schedule import warmup_multistep_factor
+from fastmmt.train.update import apply_update
 
 log = logging.getLogger("fastmmt.train")
 
