@@ -233,7 +233,7 @@ def test_step_sync_counting_sees_only_the_step(monkeypatch):
     from fastmmt.train import mmt
 
     class FakeAdapt:
-        loader, info = object(), {"ema_backend": "ext"}
+        loader, sc = object(), type("Ctx", (), {"info": {"ema_backend": "ext"}})()
 
     def fake_step(self, *a, **k):
         warnings.warn("called a synchronizing CUDA operation")

@@ -22,6 +22,7 @@ from fastmmt.ops import reference as ref
 from fastmmt.train import adapt, evaluate_model_file, load_model_file, pretrain
 from fastmmt.train.common import adam, adam_impl
 from fastmmt.models.factory import make_model
+from fastmmt.train.update import StepContext
 from fastmmt.train.distributed import DistContext
 from fastmmt.train.loop import RunState, _evaluate_epoch
 from fastmmt.train.options import PretrainOptions
@@ -90,7 +91,7 @@ def test_target_bn_forward_runs_before_the_update():
     tgt = TrainBatch((xt,), y, torch.zeros(16, dtype=torch.long), torch.arange(16))
     rt = Runtime(o, DistContext(device=torch.device("cpu")), 0)
     opt = adam([model], 1e-2, 5e-4, adam_impl(o.run))  # the Adam Stage I builds
-    out = pretrain_step(model, model, opt, src, tgt, o, rt, "test")
+    out = pretrain_step(StepContext([model], [model], opt, o, rt), src, tgt, "test")
     assert bool(out["finite"])
 
     # the official order, by hand: source forward, target forward (pre-step weights), backward, step

@@ -20,7 +20,7 @@ from fastmmt.train.common import adam, adam_impl
 from fastmmt.models.factory import make_model
 from fastmmt.train.distributed import DistContext
 from fastmmt.train.loop import FINITE, DeviceMeter
-from fastmmt.train.update import NonFiniteLossError, check_window
+from fastmmt.train.update import NonFiniteLossError, StepContext, check_window
 from fastmmt.train.options import ExperimentOptions
 from fastmmt.train.pretrain import pretrain_step
 from fastmmt.train.runtime import Runtime
@@ -105,10 +105,10 @@ def test_mmt_steps_read_nothing_on_the_host(policy, gen, monkeypatch):
     monkeypatch.setattr(mmt_mod, "mmt_loss", _nan_at({2}, mmt_mod.mmt_loss))
     meter = DeviceMeter(torch.device("cpu"), skip=policy == "skip")
     snaps = []
-    info = {}
+    sc = StepContext(students, students, opt, o, rt, mt)
     with no_host_reads(reads):
         for it, b in enumerate(batches):
-            out = mmt_mod.mmt_step(students, students, mt, opt, b, it, o, rt, "", info)
+            out = mmt_mod.mmt_step(sc, b, it)
             meter.add(it, out)
             snaps.append((_params(students), _params(teachers)))
     w = meter.read()  # the one host read of the window
@@ -128,7 +128,7 @@ def test_mmt_steps_read_nothing_on_the_host(policy, gen, monkeypatch):
         assert mt.step == 3
     else:  # stop: the step was applied; the run ends at this read, before anything is written
         assert reads and not all(torch.isfinite(p).all() for p in snaps[3][0])
-    assert info["ema_backend"] in ("ext", "foreach")
+    assert sc.info["ema_backend"] in ("ext", "foreach")
     # skip leaves the refused step out of every sum; stop sums everything (the run ends anyway)
     assert all(np.isfinite(v) for v in w["sums"].values()) == (policy == "skip")
     describe = lambda it: f"epoch 0 iteration {it} (global step {it})"  # noqa: E731
@@ -153,7 +153,7 @@ def test_skip_mean_teacher_follows_the_applied_steps(gen, monkeypatch):
     expect = [p.detach().double().clone() for t in teachers for p in t.parameters()]
     applied = 0
     for it in range(4):
-        mmt_mod.mmt_step(students, students, mt, opt, _batch(gen, 5), it, o, rt, "")
+        mmt_mod.mmt_step(StepContext(students, students, opt, o, rt, mt), _batch(gen, 5), it)
         if it == 1:
             continue
         a = ema_alpha(applied, o.adapt.ema_alpha)
@@ -175,8 +175,9 @@ def test_baseline_and_pretrain_steps_read_nothing_on_the_host(gen):
     reads = []
     with no_host_reads(reads):
         for it in range(3):
-            base.add(it, mmt_mod.baseline_step(student, student, opt, _batch(gen, 5, 1), o, rt))
-            out = pretrain_step(student, student, opt, _batch(gen, 5, 1), _batch(gen, 5, 1), o, rt)
+            sc = StepContext([student], [student], opt, o, rt)
+            base.add(it, mmt_mod.baseline_step(sc, _batch(gen, 5, 1)))
+            out = pretrain_step(sc, _batch(gen, 5, 1), _batch(gen, 5, 1))
             pre.add(it, out)
     for w in (base.read(), pre.read()):
         assert w["finite"] == 3 and w["bad"] == 0 and w["first_bad"] == -1

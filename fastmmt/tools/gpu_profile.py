@@ -109,7 +109,7 @@ def step_sync_debug(cuda: bool):
                     torch.cuda.set_sync_debug_mode(0)
                 seen["steps"] += 1
                 seen["loader"] = type(self.loader).__name__
-                seen["ema_backend"] = (self.info or {}).get("ema_backend")
+                seen["ema_backend"] = self.sc.info.get("ema_backend")
                 messages.extend((str(w.message), f"{w.filename}:{w.lineno}") for w in caught)
 
     mmt._Adapt.step = step

@@ -45,7 +45,7 @@ from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions
 from fastmmt.train.resume_check import defining_options
 from fastmmt.train.run_lock import hold_folder
 from fastmmt.train.runtime import Runtime, autocast, setup_run
-from fastmmt.train.update import apply_update
+from fastmmt.train.update import StepContext, apply_update
 
 log = logging.getLogger("fastmmt.train")
 
@@ -94,24 +94,23 @@ def _epoch_state(epoch: int, st: RunState, nets: list[nn.Module], labels: np.nda
             "clusterer": clusterer.state_dict() if hasattr(clusterer, "state_dict") else None}
 
 
-def mmt_step(nets: list[nn.Module], students: list[nn.Module], mean_teacher: MeanTeacher,
-             optimizer: torch.optim.Optimizer, batch: TrainBatch, global_step: int, opts: ExperimentOptions,
-             rt: Runtime, where: str | Callable[[], str] = "", info: dict | None = None) -> dict[str, torch.Tensor]:
+def mmt_step(sc: StepContext, batch: TrainBatch, global_step: int,
+             where: str | Callable[[], str] = "") -> dict[str, torch.Tensor]:
     """One MMT step (both students, cross supervision, optimiser, mean-teacher update).
 
     Returns the loss terms as device tensors and the step's finite flag (``"finite"``). Without
     ``run.sync_each_step`` it reads nothing on the host. Under ``run.on_nonfinite=skip`` the flag
     goes to the fused optimiser (``found_inf``: a non-finite step changes no weight) and to the
-    mean-teacher update as ``alpha = 1``, with the step counted on the device by ``mean_teacher``
+    mean-teacher update as ``alpha = 1``, with the step counted on the device by ``sc.mean_teacher``
     (incremented only by applied steps). Under ``stop`` the step is applied and the mean-teacher
     update takes ``alpha`` of the host's ``global_step``: the runner reads the flag
     at the next log point and ends the run before anything is written.
-    ``info["ema_backend"]`` receives the name of the mean-teacher backend that ran.
+    ``sc.info["ema_backend"]`` receives the name of the mean-teacher backend that ran.
     """
-    a, m, r = opts.adapt, opts.model, opts.run
-    device, ctx = rt.device, rt.ctx
+    a, m, r = sc.opts.adapt, sc.opts.model, sc.opts.run
+    device, ctx = sc.rt.device, sc.rt.ctx
     sync = r.sync_each_step
-    teachers = mean_teacher.teachers
+    nets, students, teachers = sc.nets, sc.students, sc.mean_teacher.teachers
     y = batch.labels.to(device, non_blocking=True)
     x1 = to_device(batch.views[0], device, m.channels_last)
     x2 = to_device(batch.views[1], device, m.channels_last)
@@ -127,17 +126,17 @@ def mmt_step(nets: list[nn.Module], students: list[nn.Module], mean_teacher: Mea
     loss = out.total
     terms = {"loss": loss.detach(), "loss_ce": out.ce.detach(), "loss_tri": out.tri.detach(),
              "loss_soft_ce": out.soft_ce.detach(), "loss_soft_tri": out.soft_tri.detach()}
-    ok = apply_update(loss, optimizer, students + teachers, r, ctx, where, mean_teacher, students, global_step, info)
+    ok = apply_update(loss, sc.optimizer, students + teachers, r, ctx, where, sc.mean_teacher, students,
+                      global_step, sc.info)
     return {**terms, FINITE: torch.tensor(False) if ok is None else ok}
 
 
-def baseline_step(net: nn.Module, student: nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch,
-                  opts: ExperimentOptions, rt: Runtime,
-                  where: str | Callable[[], str] = "") -> dict[str, torch.Tensor]:
+def baseline_step(sc: StepContext, batch: TrainBatch, where: str | Callable[[], str] = "") -> dict[str, torch.Tensor]:
     """One step of the single-model baseline (CE + softmax-triplet on its own clusters); the loss
     terms as device tensors and the finite flag, read on the host as :func:`mmt_step` says."""
-    a, m, r = opts.adapt, opts.model, opts.run
-    device, ctx = rt.device, rt.ctx
+    a, m, r = sc.opts.adapt, sc.opts.model, sc.opts.run
+    device, ctx = sc.rt.device, sc.rt.ctx
+    net, student = sc.nets[0], sc.students[0]
     sync = r.sync_each_step
     y = batch.labels.to(device, non_blocking=True)
     x = to_device(batch.views[0], device, m.channels_last)
@@ -148,7 +147,7 @@ def baseline_step(net: nn.Module, student: nn.Module, optimizer: torch.optim.Opt
         tri = softmax_triplet_loss(f, y, backend=r.loss_backend)
     loss = ce + tri
     terms = {"loss": loss.detach(), "loss_ce": ce.detach(), "loss_tri": tri.detach()}
-    ok = apply_update(loss, optimizer, [student], r, ctx, where)
+    ok = apply_update(loss, sc.optimizer, [student], r, ctx, where)
     return {**terms, FINITE: torch.tensor(False) if ok is None else ok}
 
 
@@ -187,7 +186,7 @@ class _Adapt:
         self.loader = None
         self.labels: np.ndarray | None = None
         self.res: ClusterResult | None = None
-        self.info: dict = {}
+        self.sc: StepContext | None = None  # the step's context, rebuilt each epoch (new optimiser)
 
     @property
     def nets_all(self) -> list[nn.Module]:
@@ -258,7 +257,7 @@ class _Adapt:
         if self.mmt:
             on_device = not r.sync_each_step and r.on_nonfinite == "skip"
             self.mean_teacher.count_on_device(st.global_step if on_device else None)
-        self.info = {}
+        self.sc = StepContext(self.nets, self.students, self.optimizer, self.opts, self.rt, self.mean_teacher)
         return {"num_clusters": int(res.num_clusters), "num_outliers": int((labels < 0).sum()), **times,
                 **quality}
 
@@ -267,15 +266,14 @@ class _Adapt:
 
     def step(self, batch: TrainBatch, it: int, global_step: int, where: Callable[[], str]) -> dict:
         if not self.mmt:
-            return baseline_step(self.nets[0], self.students[0], self.optimizer, batch, self.opts, self.rt, where)
-        return mmt_step(self.nets, self.students, self.mean_teacher, self.optimizer, batch, global_step, self.opts,
-                        self.rt, where, self.info)
+            return baseline_step(self.sc, batch, where)
+        return mmt_step(self.sc, batch, global_step, where)
 
     def describe(self, epoch: int, it: int, global_step: int, indices: torch.Tensor | None) -> str:
         return f"epoch {epoch} iteration {it} (global step {global_step})"
 
     def end_epoch(self, epoch: int, record: dict) -> None:
-        record["ema_backend"] = self.info.get("ema_backend")
+        record["ema_backend"] = self.sc.info.get("ema_backend")
 
     def eval_models(self) -> dict[str, nn.Module]:
         return {"T1": self.teachers[0], "T2": self.teachers[1]} if self.mmt else {"S1": self.students[0]}

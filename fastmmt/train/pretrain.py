@@ -37,25 +37,25 @@ from fastmmt.train.resume_check import defining_options
 from fastmmt.train.run_lock import hold_folder
 from fastmmt.train.runtime import Runtime, autocast, setup_run
 from fastmmt.train.schedule import warmup_multistep_factor
-from fastmmt.train.update import apply_update
+from fastmmt.train.update import StepContext, apply_update
 
 log = logging.getLogger("fastmmt.train")
 
 
-def pretrain_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch,
-                  target_batch: TrainBatch | None, opts: ExperimentOptions, rt: Runtime,
+def pretrain_step(sc: StepContext, batch: TrainBatch, target_batch: TrainBatch | None,
                   where: str | Callable[[], str] = "") -> dict[str, torch.Tensor]:
     """One pre-training step; returns its loss terms (and accuracy) as device tensors.
 
-    ``net`` is ``model`` as trained (DDP-wrapped under torchrun). Without ``run.sync_each_step``
+    ``sc.nets[0]`` is ``sc.students[0]`` as trained (DDP-wrapped under torchrun). Without ``run.sync_each_step``
     the step reads nothing on the host: the runner reads the finite flag at the next log point
     (``stop`` ends the run there; under ``skip`` the flag reaches the fused optimiser as its
     ``found_inf`` and nothing is updated).
     The target batch (BN adaptation, train mode, output discarded) is forwarded after the source
     forward and BEFORE the backward pass, on the pre-step weights, as the official trainer did.
     """
-    p, m, r = opts.pretrain, opts.model, opts.run
-    device, ctx = rt.device, rt.ctx
+    p, m, r = sc.opts.pretrain, sc.opts.model, sc.opts.run
+    device, ctx = sc.rt.device, sc.rt.ctx
+    net, model = sc.nets[0], sc.students[0]
     sync = r.sync_each_step
     x = to_device(batch.views[0], device, m.channels_last)
     y = batch.labels.to(device, non_blocking=True)
@@ -70,7 +70,7 @@ def pretrain_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optim
     if target_batch is not None:
         with torch.no_grad(), autocast(device, r.amp):
             model(to_device(target_batch.views[0], device, m.channels_last))  # BN statistics only
-    ok = apply_update(loss, optimizer, [model], r, ctx, where)
+    ok = apply_update(loss, sc.optimizer, [model], r, ctx, where)
     return {**terms, "loss": loss.detach(), FINITE: torch.tensor(False) if ok is None else ok}
 
 
@@ -130,6 +130,7 @@ class _Pretrain:
         """After a resume: broadcast rank 0's weights, wrap for DDP, compile."""
         ddp.broadcast_state([self.model], self.rt.ctx)
         self.net = ddp.wrap_ddp(self.model, self.rt.ctx)
+        self.sc = StepContext([self.net], [self.model], self.optimizer, self.opts, self.rt)
         if self.opts.run.compile:
             compile_backbones([self.model])
 
@@ -155,7 +156,7 @@ class _Pretrain:
 
     def step(self, batch: TrainBatch, it: int, global_step: int, where: Callable[[], str]) -> dict:
         tb = next(self._tgt_iter) if self._tgt_iter is not None else None
-        return pretrain_step(self.net, self.model, self.optimizer, batch, tb, self.opts, self.rt, where)
+        return pretrain_step(self.sc, batch, tb, where)
 
     def describe(self, epoch: int, it: int, global_step: int, indices: torch.Tensor | None) -> str:
         imgs = f" (images {indices[:4].tolist()}...)" if indices is not None else ""

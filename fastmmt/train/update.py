@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,9 +22,27 @@ from torch import nn
 from fastmmt.train import distributed as ddp
 from fastmmt.train.distributed import DistContext, all_true
 from fastmmt.train.mean_teacher import MeanTeacher
-from fastmmt.train.options import RunOptions
+from fastmmt.train.options import ExperimentOptions, RunOptions
+from fastmmt.train.runtime import Runtime
 
 log = logging.getLogger("fastmmt.train")
+
+
+@dataclass
+class StepContext:
+    """What a training step works on, instead of a long parameter list: the networks as trained
+    (``nets``: DDP-wrapped under torchrun), the ``students`` they wrap, the optimiser, the mean
+    teachers (MMT only), the options, the runtime, and ``info`` (the step reports the EMA backend
+    that ran there). Stages rebuild it when the optimiser or the wrapping changes (each MMT epoch).
+    """
+
+    nets: list[nn.Module]
+    students: list[nn.Module]
+    optimizer: torch.optim.Optimizer
+    opts: ExperimentOptions
+    rt: Runtime
+    mean_teacher: MeanTeacher | None = None
+    info: dict = field(default_factory=dict)
 
 
 class NonFiniteLossError(FloatingPointError):
