@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DRIVER = """
 import sys, time
-import fastmmt.train.mmt as mmt
+import fastmmt.train.mean_teacher as mean_teacher
 from fastmmt.cli import main
 
 stop_at = int(sys.argv[1])
-real, steps = mmt.ema_update_module_, [0]
+real, steps = mean_teacher.ema_update_module_, [0]
 
 def announced(*args, **kwargs):
     out = real(*args, **kwargs)
@@ -43,7 +43,7 @@ def announced(*args, **kwargs):
         time.sleep(600)  # parked mid-epoch until the test kills it
     return out
 
-mmt.ema_update_module_ = announced
+mean_teacher.ema_update_module_ = announced
 sys.exit(main(sys.argv[2:]))
 """
 
