@@ -76,6 +76,14 @@ def _save_config(opts, out_dir: Path) -> None:
     path.write_text(text)
 
 
+def _dataset(opts, role: str):
+    """The run's ``role`` dataset ("source" or "target"), read from its own folder or data.root."""
+    from fastmmt.data import load_dataset
+
+    d = opts.data
+    return load_dataset(getattr(d, role), getattr(d, f"{role}_root") or d.root)
+
+
 def _print_metrics(name: str, metrics: dict) -> None:
     if not _is_main():
         return
@@ -92,7 +100,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from fastmmt.data import load_dataset
     from fastmmt.train import pretrain
 
     opts = _options(args)
@@ -101,8 +108,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     seeds = [args.seed] if args.seed is not None else list(opts.pretrain.seeds)
     with _hold([out / "pretrain" / f"seed{s}" for s in seeds]):
         _save_config(opts, out)
-        source = load_dataset(opts.data.source, opts.data.source_root or opts.data.root)
-        target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root) if opts.data.target else None
+        source = _dataset(opts, "source")
+        target = _dataset(opts, "target") if opts.data.target else None
         for s in seeds:
             res = pretrain(source, target, opts, seed=s, out_dir=out / "pretrain" / f"seed{s}", resume=args.resume,
                            resume_changed=args.resume_changed)
@@ -114,7 +121,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from fastmmt.data import load_dataset
     from fastmmt.train import adapt
 
     opts = _options(args)
@@ -127,7 +133,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     run_dir = out / opts.adapt.method
     with _hold([run_dir]):
         _save_config(opts, run_dir)
-        target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root)
+        target = _dataset(opts, "target")
         res = adapt(target, inits, opts, run_dir, resume=args.resume, resume_changed=args.resume_changed)
         _print_metrics(f"{opts.adapt.method} on target", res.metrics)
         if _is_main():
@@ -137,22 +143,20 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fastmmt.data import load_dataset
     from fastmmt.train import evaluate_model_file
 
     opts = _options(args)
-    target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root)
+    target = _dataset(opts, "target")
     metrics = evaluate_model_file(args.model, target, opts, rerank=args.rerank)
     _print_metrics(f"{args.model} on {opts.data.target}" + (" (re-ranked)" if args.rerank else ""), metrics)
     return 0
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from fastmmt.data import load_dataset
     from fastmmt.train import visualize_model_file
 
     opts = _options(args)
-    target = load_dataset(opts.data.target, opts.data.target_root or opts.data.root)
+    target = _dataset(opts, "target")
     out = Path(args.out or Path(opts.run.out_dir) / "rank_lists")
     paths = visualize_model_file(args.model, target, opts, out, topk=args.topk, num_queries=args.num_queries,
                                  seed=args.seed, rerank=args.rerank)
