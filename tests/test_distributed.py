@@ -30,7 +30,7 @@ from test_train_e2e import tiny_options
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 WORLD = 2
-ADAM_EPS = 1e-8  # torch.optim.Adam's default, which fastmmt.train.common.adam keeps
+ADAM_EPS = 1e-8  # torch.optim.Adam's default, which fastmmt.train.optim.adam keeps
 DEPTH = 40  # reductions chained per step, forward and backward (about 20 layers each way)
 
 

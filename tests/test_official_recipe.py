@@ -20,7 +20,7 @@ from fastmmt.data import generate_domains, load_dataset
 from fastmmt.data.loaders import TrainBatch
 from fastmmt.ops import reference as ref
 from fastmmt.train import adapt, evaluate_model_file, load_model_file, pretrain
-from fastmmt.train.common import adam, adam_impl
+from fastmmt.train.optim import adam, adam_impl
 from fastmmt.models.factory import make_model
 from fastmmt.train.update import StepContext
 from fastmmt.train.distributed import DistContext

@@ -5,8 +5,7 @@ import copy
 import pytest
 import torch
 
-from fastmmt.train.common import compile_backbones
-from fastmmt.models.factory import make_model
+from fastmmt.models.factory import compile_backbones, make_model
 from fastmmt.train.options import ModelOptions
 
 

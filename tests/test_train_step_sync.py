@@ -16,7 +16,7 @@ import torch
 import fastmmt.train.mmt as mmt_mod
 from fastmmt.data.loaders import TrainBatch
 from fastmmt.train.mean_teacher import MeanTeacher, ema_alpha
-from fastmmt.train.common import adam, adam_impl
+from fastmmt.train.optim import adam, adam_impl
 from fastmmt.models.factory import make_model
 from fastmmt.train.distributed import DistContext
 from fastmmt.train.loop import FINITE, DeviceMeter

@@ -1,9 +1,11 @@
 """The run's network factory: the re-ID network with its BN split and memory format, on a device."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from fastmmt.models.bn_split import convert_bn_split
 from fastmmt.models.reid import ReIDNet, build_model
@@ -30,3 +32,10 @@ def make_model(mopts: NetworkOptions, num_classes: int, device: torch.device, bn
     if mopts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def compile_backbones(models: Iterable[nn.Module]) -> None:
+    """``run.compile``: ``torch.compile`` each network's backbone in place (``nn.Module.compile``,
+    so parameter names, state dicts and checkpoints stay those of the eager network)."""
+    for m in models:
+        m.backbone.compile()

@@ -20,7 +20,7 @@ from fastmmt.data import ImageRecord, ReIDDataset
 from fastmmt.data.decoded_cache import DecodedCacheError, DecodedImageCache
 from fastmmt.data.factory import build_decoded_cache, build_test_loader
 from fastmmt.evaluation import FeatureExtractor, evaluate_features
-from fastmmt.train.common import data_device_id
+from fastmmt.train.batches import data_device_id
 from fastmmt.train.update import NonFiniteLossError
 from fastmmt.train.distributed import DistContext, gather_rows, shard_range
 from fastmmt.train.options import DataOptions, ModelOptions, RunOptions

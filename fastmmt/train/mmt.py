@@ -22,25 +22,18 @@ from fastmmt.data import ReIDDataset
 from fastmmt.data.factory import build_train_loader
 from fastmmt.data.loaders import TrainBatch
 from fastmmt.evaluation import pseudo_label_quality
+from fastmmt.models.factory import compile_backbones
 from fastmmt.ops import cross_entropy_label_smooth, mmt_loss, softmax_triplet_loss
 from fastmmt.train import distributed as ddp
-from fastmmt.train.hooks import Hook
+from fastmmt.train.batches import check_label_range, data_device_id, to_device, train_augment
 from fastmmt.train.checkpoint import atomic_save
-from fastmmt.train.mean_teacher import MeanTeacher
-from fastmmt.train.common import (
-    adam,
-    adam_impl,
-    check_label_range,
-    compile_backbones,
-    data_device_id,
-    to_device,
-    train_augment,
-    trunk_parameters,
-)
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
+from fastmmt.train.hooks import Hook
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, run_epochs
+from fastmmt.train.mean_teacher import MeanTeacher
 from fastmmt.train.model_file import StageResult, load_model_file, model_file
+from fastmmt.train.optim import adam, adam_impl, trunk_parameters
 from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions
 from fastmmt.train.resume_check import defining_options
 from fastmmt.train.run_lock import hold_folder

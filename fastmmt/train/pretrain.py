@@ -13,25 +13,17 @@ from torch import nn
 from fastmmt.data import ReIDDataset
 from fastmmt.data.factory import build_train_loader
 from fastmmt.data.loaders import TrainBatch
+from fastmmt.models.factory import compile_backbones, make_model
 from fastmmt.ops import cross_entropy_label_smooth, softmax_triplet_loss
-from fastmmt.models.factory import make_model
 from fastmmt.train import distributed as ddp
-from fastmmt.train.hooks import Hook
+from fastmmt.train.batches import check_label_range, data_device_id, to_device, train_augment
 from fastmmt.train.checkpoint import atomic_save
-from fastmmt.train.common import (
-    adam,
-    adam_impl,
-    check_label_range,
-    compile_backbones,
-    data_device_id,
-    to_device,
-    train_augment,
-    trunk_parameters,
-)
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
+from fastmmt.train.hooks import Hook
 from fastmmt.train.logger import RunLogger
 from fastmmt.train.loop import FINITE, RunState, run_epochs
 from fastmmt.train.model_file import StageResult, model_file
+from fastmmt.train.optim import adam, adam_impl, trunk_parameters
 from fastmmt.train.options import ExperimentOptions, PretrainOptions
 from fastmmt.train.resume_check import defining_options
 from fastmmt.train.run_lock import hold_folder
