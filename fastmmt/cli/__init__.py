@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from fastmmt.cli.config import CHOICES, ConfigError, check_pretrained, load_options, options_to_dict
+from fastmmt.evaluation.reranking import RERANK_K1, RERANK_K2, RERANK_LAMBDA
 
 log = logging.getLogger("fastmmt")
 
@@ -222,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--model", required=True, help="a model.pt written by pretrain or adapt, or an official MMT "
                                                     "release file (*.pth.tar)")
-    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)")
+    p.add_argument("--rerank", action="store_true", help=f"k-reciprocal re-ranking (k1 {RERANK_K1}, k2 {RERANK_K2}, "
+                                                         f"lambda {RERANK_LAMBDA})")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("visualize", help="draw rank lists (query, top-k gallery, green/red frames) as PNG")
@@ -247,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--with-dbscan", action="store_true",
-                   help="also run MMT with DBSCAN (about 2.5 more minutes on 2 CPU cores: past the 10-minute budget)")
+                   help="also run MMT with DBSCAN (a fourth training run; its time is in bench/RESULTS.md)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

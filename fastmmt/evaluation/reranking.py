@@ -23,6 +23,9 @@ from fastmmt.cluster.knn import knn, sq_norms
 from fastmmt.cluster.result import as_feature_tensor
 
 
+# Zhong et al.'s k-reciprocal re-ranking settings (the paper's and MMT's evaluation)
+RERANK_K1, RERANK_K2, RERANK_LAMBDA = 20, 6, 0.3
+
 def _check_dist(name: str, m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     m = np.asarray(m, dtype=np.float64)
     if m.shape != shape:
@@ -32,8 +35,8 @@ def _check_dist(name: str, m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return m
 
 
-def re_ranking(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray, k1: int = 20,
-               k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
+def re_ranking(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray, k1: int = RERANK_K1,
+               k2: int = RERANK_K2, lambda_value: float = RERANK_LAMBDA) -> np.ndarray:
     """Re-ranked (num_query, num_gallery) float32 distances from the three dense distance blocks."""
     check_k(k1, k2)
     q_g = np.asarray(q_g_dist)
@@ -53,8 +56,8 @@ def re_ranking(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray,
     return ((1 - lambda_value) * jac + lambda_value * q_g / scale[:nq, None]).astype(np.float32)
 
 
-def iter_re_ranking_blocks(qf: torch.Tensor | np.ndarray, gf: torch.Tensor | np.ndarray, k1: int = 20,
-                           k2: int = 6, lambda_value: float = 0.3, *, block_size: int = 1024,
+def iter_re_ranking_blocks(qf: torch.Tensor | np.ndarray, gf: torch.Tensor | np.ndarray, k1: int = RERANK_K1,
+                           k2: int = RERANK_K2, lambda_value: float = RERANK_LAMBDA, *, block_size: int = 1024,
                            index: str = "flat", num_threads: int | None = None,
                            progress: bool = False) -> Iterator[tuple[int, np.ndarray]]:
     """Re-ranked distances from features, ``block_size`` query rows at a time: yields
@@ -96,8 +99,8 @@ def _gallery_block(jac: SparseJaccard, s: int, e: int, nq: int) -> np.ndarray:
     return out
 
 
-def re_ranking_features(qf: torch.Tensor | np.ndarray, gf: torch.Tensor | np.ndarray, k1: int = 20,
-                        k2: int = 6, lambda_value: float = 0.3, *, index: str = "flat",
+def re_ranking_features(qf: torch.Tensor | np.ndarray, gf: torch.Tensor | np.ndarray, k1: int = RERANK_K1,
+                        k2: int = RERANK_K2, lambda_value: float = RERANK_LAMBDA, *, index: str = "flat",
                         num_threads: int | None = None, progress: bool = False) -> np.ndarray:
     """Re-ranked (num_query, num_gallery) float32 distances from features (see the block version)."""
     q = as_feature_tensor(qf, "query features")

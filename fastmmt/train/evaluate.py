@@ -33,7 +33,7 @@ def evaluate_model_file(path: str | Path, dataset: ReIDDataset, opts: Experiment
     from fastmmt.evaluation.reranking import re_ranking_features
 
     qf, gf = run.features(model, "query"), run.features(model, "gallery")
-    dist = torch.as_tensor(np.asarray(re_ranking_features(qf, gf, k1=20, k2=6, lambda_value=0.3)))
+    dist = torch.as_tensor(np.asarray(re_ranking_features(qf, gf)))
     r = rank_metrics(dist, np.array([x.pid for x in dataset.query]), np.array([x.pid for x in dataset.gallery]),
                      np.array([x.camid for x in dataset.query]), np.array([x.camid for x in dataset.gallery]))
     return {"mAP": float(r.mAP), "rank1": float(r.cmc[0]), "rank5": float(r.cmc[4]), "rank10": float(r.cmc[9])}
