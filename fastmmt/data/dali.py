@@ -30,7 +30,7 @@ from fastmmt.data.dali_ops import decode_pipeline, require_dali, test_pipeline, 
 from fastmmt.data.decoded_cache import DecodedCacheError, DecodedImageCache
 from fastmmt.data.loaders import TrainBatch
 from fastmmt.data.records import ImageReadError, ImageRecord
-from fastmmt.data.sampler import BatchPlanner
+from fastmmt.data.sampler import BatchPlanner, PlannedLabels
 
 _JPEG_SOI = b"\xff\xd8\xff"
 _JPEG_EOI = b"\xff\xd9"
@@ -346,7 +346,7 @@ class _DaliLoaderBase:
         return bad
 
 
-class DaliTrainLoader(_DaliLoaderBase):
+class DaliTrainLoader(_DaliLoaderBase, PlannedLabels):
     """P x K training batches from DALI; the interface of :class:`TorchTrainLoader`.
 
     The same :class:`~fastmmt.data.sampler.BatchPlanner` plan as the torch loader (identical
@@ -379,15 +379,6 @@ class DaliTrainLoader(_DaliLoaderBase):
                               num_views=self.num_views, device=self.device, num_threads=self.workers,
                               device_id=self._device_id, channels_last=self.channels_last,
                               prefetch=self._prefetch, decoded=self._decoded)
-
-    @property
-    def labels(self) -> np.ndarray:
-        """The current labels (one per record, -1 = excluded)."""
-        return self.planner.labels
-
-    def set_labels(self, labels: np.ndarray) -> None:
-        """Replace the labels (e.g. new pseudo-labels each epoch); -1 marks excluded images."""
-        self.planner.set_labels(labels)
 
     def _substitute(self, indices: np.ndarray, pos: int, rng: np.random.Generator) -> int:
         """A readable image with the label of ``indices[pos]``: one of the batch first, then any."""

@@ -14,7 +14,7 @@ from fastmmt.data.augment import AugmentSpec, image_views, loader_spec
 from fastmmt.data.decoded_cache import DecodedCacheError, DecodedImageCache
 from fastmmt.data.image_io import load_image
 from fastmmt.data.records import ImageRecord
-from fastmmt.data.sampler import BatchPlanner
+from fastmmt.data.sampler import BatchPlanner, PlannedLabels
 from fastmmt.data.transforms import TestTransform, apply_view, as_uint8
 
 
@@ -89,7 +89,7 @@ def _collate(items: list[tuple[tuple[torch.Tensor, ...], int]]) -> tuple[tuple[t
     return views, torch.tensor([it[1] for it in items], dtype=torch.int64)
 
 
-class TorchTrainLoader:
+class TorchTrainLoader(PlannedLabels):
     """Reference training loader: the P x K batches (``batch_size = P*K``) of a
     :class:`~fastmmt.data.sampler.BatchPlanner` over the current labels, each image augmented
     ``num_views`` times independently (``augment``: an AugmentSpec, default the recipe at HxW;
@@ -120,15 +120,6 @@ class TorchTrainLoader:
         self._workers = workers
         self.pin_memory = pin_memory
         self._loader: DataLoader | None = None
-
-    @property
-    def labels(self) -> np.ndarray:
-        """The current labels (one per record, -1 = excluded)."""
-        return self.planner.labels
-
-    def set_labels(self, labels: np.ndarray) -> None:
-        """Replace the labels (e.g. new pseudo-labels each epoch); -1 marks excluded images."""
-        self.planner.set_labels(labels)
 
     def _get_loader(self) -> DataLoader:
         if self._loader is None:

@@ -168,3 +168,18 @@ class BatchPlanner:
         """This rank's share of the ``iters`` global batches of ``epoch``, (iters, share_size)."""
         full = self.global_plan(epoch, iters)
         return BatchPlan(full.indices[:, self.share], full.seeds[:, self.share])
+
+
+class PlannedLabels:
+    """The label interface both training loaders share, kept by their :class:`BatchPlanner`."""
+
+    planner: BatchPlanner
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The current labels (one per record, -1 = excluded)."""
+        return self.planner.labels
+
+    def set_labels(self, labels: np.ndarray) -> None:
+        """Replace the labels (e.g. new pseudo-labels each epoch); -1 marks excluded images."""
+        self.planner.set_labels(labels)
