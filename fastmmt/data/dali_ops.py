@@ -84,6 +84,17 @@ def _normalize(img, mean: Sequence[float], std: Sequence[float], channels_last: 
                                     **kwargs)
 
 
+def _build(graph: Callable, batch_size: int, num_threads: int, device_id: int | None, prefetch: int,
+           device: str) -> "Pipeline":
+    """The one ``pipeline_def`` of fastmmt's DALI graphs: asynchronous, pipelined execution with
+    ``prefetch`` batches in flight, on ``device_id`` (None: CPU only)."""
+    require_dali()
+    _check_device(device)
+    return pipeline_def(graph, batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                        prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True,
+                        exec_dynamic=EXEC_DYNAMIC)()
+
+
 def train_pipeline(source: Callable[[], tuple], *, batch_size: int, spec: AugmentSpec, num_views: int,
                    device: str = "cpu", num_threads: int = 2, device_id: int | None = None,
                    channels_last: bool = False, prefetch: int = 2, decoded: bool = False) -> "Pipeline":
@@ -98,14 +109,10 @@ def train_pipeline(source: Callable[[], tuple], *, batch_size: int, spec: Augmen
     normalise in ``fn.crop_mirror_normalize``, then ``fn.erase`` with ``spec.erase_fill`` written
     into the normalised tensor (an empty box erases nothing).
     """
-    require_dali()
-    _check_device(device)
     layout_axes = "HW"
     height, width = spec.height, spec.width
     crop_shape = np.array([height, width], dtype=np.float32)
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True, exec_dynamic=EXEC_DYNAMIC)
     def graph():
         n_out = 2 + VIEW_COLUMNS * num_views
         img_type, img_ndim, img_layout = _image_input(decoded)
@@ -127,7 +134,7 @@ def train_pipeline(source: Callable[[], tuple], *, batch_size: int, spec: Augmen
             views.append(x)
         return (indices, *views)
 
-    return graph()
+    return _build(graph, batch_size, num_threads, device_id, prefetch, device)
 
 
 def test_pipeline(source: Callable[[], tuple], *, batch_size: int, height: int, width: int,
@@ -137,11 +144,6 @@ def test_pipeline(source: Callable[[], tuple], *, batch_size: int, height: int, 
     """The extraction graph: decode, bicubic resize, normalise. ``source()`` returns
     ``(encoded, indices)`` per batch (any size up to ``batch_size``; ``decoded``: images already
     decoded, uint8 HWC); outputs ``(indices, images)``."""
-    require_dali()
-    _check_device(device)
-
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True, exec_dynamic=EXEC_DYNAMIC)
     def graph():
         img_type, img_ndim, img_layout = _image_input(decoded)
         encoded, indices = fn.external_source(source=source, num_outputs=2, batch=True,
@@ -150,7 +152,7 @@ def test_pipeline(source: Callable[[], tuple], *, batch_size: int, height: int, 
         img = _decode_resize(encoded, device, height, width, decoded)
         return indices, _normalize(img, mean, std, channels_last)
 
-    return graph()
+    return _build(graph, batch_size, num_threads, device_id, prefetch, device)
 
 
 def decode_pipeline(source: Callable[[], tuple], *, batch_size: int, device: str = "cpu",
@@ -158,14 +160,9 @@ def decode_pipeline(source: Callable[[], tuple], *, batch_size: int, device: str
     """The decoded-image cache's filling graph: the same decoder as the other graphs, nothing
     else. ``source()`` returns ``(encoded, indices)``; outputs ``(indices, images)``, RGB uint8
     HWC at the stored size (on the GPU for ``device="gpu"``)."""
-    require_dali()
-    _check_device(device)
-
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True, exec_dynamic=EXEC_DYNAMIC)
     def graph():
         encoded, indices = fn.external_source(source=source, num_outputs=2, batch=True,
                                               dtype=[types.UINT8, types.INT64], ndim=[1, 0])
         return indices, _decode(encoded, device)
 
-    return graph()
+    return _build(graph, batch_size, num_threads, device_id, prefetch, device)
