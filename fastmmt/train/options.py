@@ -99,6 +99,8 @@ class AdaptOptions:
     cluster_backend: str = "auto"
     kmeans_restarts: int = 1          # k-means restarts (FAISS nredo); the official code: 10
     kmeans_iters: int = 100           # k-means iteration limit (FAISS niter); the official code: 300
+    kmeans_seed_dim: int | None = 256  # k-means++ seeding in a random projection of this size (faster);
+                                       # null: in the full space, as the official code's scikit-learn
 
 
 @dataclass
@@ -174,6 +176,9 @@ def check_options(opts: ExperimentOptions) -> None:
     if opts.adapt.kmeans_restarts < 1 or opts.adapt.kmeans_iters < 1:
         raise ValueError(f"adapt.kmeans_restarts and adapt.kmeans_iters must be >= 1, got "
                          f"{opts.adapt.kmeans_restarts} and {opts.adapt.kmeans_iters}")
+    if opts.adapt.kmeans_seed_dim is not None and opts.adapt.kmeans_seed_dim < 1:
+        raise ValueError(f"adapt.kmeans_seed_dim must be >= 1 or null (the full space), got "
+                         f"{opts.adapt.kmeans_seed_dim}")
     r = opts.run
     if r.log_every < 1:
         raise ValueError(f"run.log_every must be >= 1, got {r.log_every}")
