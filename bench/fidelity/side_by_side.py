@@ -59,9 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, **kw,
                        help=f"default {val} (--paper: {PAPER[key]})")
     p.add_argument("--kmeans", choices=["official", "fast"], default="official",
-                   help="fastmmt's k-means: 10 restarts x 300 iterations as the official code, or its defaults")
+                   help="fastmmt's k-means: as the paper configs (10 restarts x 300 iterations, k-means++ in the "
+                        "full space: the official code's values), or fastmmt's defaults")
     p.add_argument("--fastmmt-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra fastmmt --set (an A/B of one fastmmt option)")
+    p.add_argument("--fastmmt-name", default="fastmmt",
+                   help="folder of the fastmmt runs under WORK (another name keeps an A/B's runs apart)")
     args = p.parse_args(argv)
     shape = PAPER if args.paper else SMALL
     for key, val in shape.items():
@@ -159,8 +162,8 @@ def fastmmt_mmt(args: argparse.Namespace, data: Path, inits: list[Path], out: Pa
                 "adapt.soft_ce_weight": 0.5, "adapt.soft_tri_weight": 0.8, "model.dropout": 0.0,
                 "run.seed": seed, "run.eval_every": 1,
                 "run.num_threads": int(os.environ.get("OMP_NUM_THREADS", "1"))}
-        if args.kmeans == "official":
-            sets.update({"adapt.kmeans_restarts": 10, "adapt.kmeans_iters": 300})
+        if args.kmeans == "official":  # the paper configs' k-means: scikit-learn's values, full-space seeding
+            sets.update({"adapt.kmeans_restarts": 10, "adapt.kmeans_iters": 300, "adapt.kmeans_seed_dim": "null"})
         cmd = [args.python, "-m", "fastmmt", "adapt", "--init", str(inits[0]), str(inits[1]), "--out", str(out),
                "--no-progress"]
         for k, v in sets.items():
@@ -219,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for side in args.sides:
             fn = official_mmt if side == "official" else fastmmt_mmt
-            results.setdefault(side, {})[seed] = fn(args, data, inits, work / side / f"seed{seed}", seed)
+            folder = "official" if side == "official" else args.fastmmt_name
+            results.setdefault(side, {})[seed] = fn(args, data, inits, work / folder / f"seed{seed}", seed)
             print(table(results, args.epochs), flush=True)
     summary = {"args": vars(args), "mAP_T1_T2_per_epoch": results}
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
