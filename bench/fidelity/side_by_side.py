@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="runs/fidelity", help="output folder (data, models, logs, summary)")
     p.add_argument("--paper", action="store_true", help="the paper's shape (ResNet-50, 256x128, 40x400; a GPU)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="Stage II seeds, run on each side")
-    p.add_argument("--sides", nargs="+", default=["official", "fastmmt"], choices=["official", "fastmmt"])
+    p.add_argument("--sides", nargs="+", default=["official", "fastmmt"], choices=["official", "fastmmt"],
+                   help="the sides to run (the table also shows the other side's finished runs)")
     p.add_argument("--python", default=sys.executable, help="the Python of both sides (torch, sklearn, ...)")
     p.add_argument("--official-path", default="", help="extra sys.path for the official side (e.g. torchvision)")
     p.add_argument("--imagenet", default="none", help="local torchvision ImageNet weights for the official "
@@ -220,9 +221,11 @@ def main(argv: list[str] | None = None) -> None:
     inits = [pretrain(args, data, work, s) for s in (1, 2)]
     results: dict[str, dict[int, list[list[float]]]] = {}
     for seed in args.seeds:
-        for side in args.sides:
+        for side in ("official", "fastmmt"):
             fn = official_mmt if side == "official" else fastmmt_mmt
             folder = "official" if side == "official" else args.fastmmt_name
+            if side not in args.sides and not (work / folder / f"seed{seed}" / "done").exists():
+                continue  # a side not asked for is shown only where its runs exist
             results.setdefault(side, {})[seed] = fn(args, data, inits, work / folder / f"seed{seed}", seed)
             print(table(results, args.epochs), flush=True)
     summary = {"args": vars(args), "mAP_T1_T2_per_epoch": results}
