@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score as nmi
 
 from fastmmt.cluster import (ClusterError, ClusterResult, DBSCANClusterer, KMeansClusterer, KnownLabels,
-                             build_clusterer, dbscan, dbscan_eps_from_rho, k_reciprocal_jaccard)
+                             build_clusterer, dbscan, dbscan_eps_from_rho, k_reciprocal_jaccard, kmeans)
 from test_cluster_jaccard import blobs
 
 RHO = 0.04  # about half the same-blob pairs (1/12 of all pairs), as 1.6e-3 is at Market
@@ -27,6 +27,19 @@ def test_kmeans_clusterer_recovers_blobs(data):
     assert isinstance(res, ClusterResult) and res.info["epoch"] == 3
     assert nmi(y, res.labels) > 0.95
     np.testing.assert_allclose(res.centroids.norm(dim=1).numpy(), 0.5 * np.ones(25), atol=0.2)
+
+
+@pytest.mark.parametrize("seed_dim", [None, 4])
+def test_kmeans_clusterer_seeds_in_the_space_it_is_given(seed_dim):
+    # adapt.kmeans_seed_dim reaches the seeding: None = k-means++ in the full space (as
+    # scikit-learn, the official code's k-means), an int = in a random projection of that size
+    x, _ = blobs(240, 48, 20, 2.0, seed=5)  # overlapping blobs: the seeding changes the result
+    x = torch.from_numpy(x).float()
+    res = build_clusterer("kmeans", k=20, seed=3, niter=5, seed_dim=seed_dim)(x, epoch=0)
+    direct = kmeans(x, 20, seed=3, niter=5, seed_dim=seed_dim)
+    other = kmeans(x, 20, seed=3, niter=5, seed_dim=8 if seed_dim is None else None)
+    np.testing.assert_array_equal(res.labels, direct.labels)
+    assert not np.array_equal(res.labels, other.labels)
 
 
 def test_dbscan_clusterer_recovers_blobs(data):

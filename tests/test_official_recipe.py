@@ -270,10 +270,10 @@ def test_official_files_through_evaluate_init_and_visualize(domains, source_best
 
     monkeypatch.setattr(mmt_mod, "build_clusterer", spy)
     o2 = copy.deepcopy(o)
-    o2.adapt.kmeans_restarts, o2.adapt.kmeans_iters = 2, 7
+    o2.adapt.kmeans_restarts, o2.adapt.kmeans_iters, o2.adapt.kmeans_seed_dim = 2, 7, 16
     o2.run.select_best, o2.run.eval_every = True, 1
     r = adapt(target, [str(official), str(official)], o2, tmp_path / "kmeans")
-    assert (seen["method"], seen["nredo"], seen["niter"]) == ("kmeans", 2, 7)
+    assert (seen["method"], seen["nredo"], seen["niter"], seen["seed_dim"]) == ("kmeans", 2, 7, 16)
     recs = [json.loads(x) for x in (tmp_path / "kmeans" / "log.jsonl").read_text().splitlines() if '"final"' not in x]
     # the winner, computed here from the log: best over epochs (strict) and teachers (T2 on a tie)
     best_map, best = -1.0, None
@@ -303,7 +303,8 @@ def test_paper_configs_state_the_official_values():
         o = load_options(path)
         assert (o.pretrain.lr_timing, o.pretrain.select, o.pretrain.eval_every) == ("official", "source_best", 40)
         assert (o.adapt.kmeans_restarts, o.adapt.kmeans_iters) == (10, 300)
+        assert o.adapt.kmeans_seed_dim is None  # k-means++ in the full space, as scikit-learn
         assert not o.run.select_best  # the default report: last-epoch teacher 1
     d = load_options(ROOT / "configs" / "demo.yaml")
-    assert (d.pretrain.lr_timing, d.pretrain.select, d.adapt.kmeans_restarts, d.adapt.kmeans_iters) == \
-        ("after_epoch", "last", 1, 100)
+    assert (d.pretrain.lr_timing, d.pretrain.select, d.adapt.kmeans_restarts, d.adapt.kmeans_iters,
+            d.adapt.kmeans_seed_dim) == ("after_epoch", "last", 1, 100, 256)

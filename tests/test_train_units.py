@@ -302,5 +302,8 @@ def test_option_choices_are_the_librarys_lists():
         load_options(None, [f"adapt.cluster_backend={bad}"])
     with pytest.raises(ConfigError, match=r"run\.log_every must be >= 1"):
         load_options(None, ["run.log_every=0"])
+    with pytest.raises(ConfigError, match=r"adapt\.kmeans_seed_dim must be >= 1, got 0"):
+        load_options(None, ["adapt.kmeans_seed_dim=0"])
+    assert load_options(None, ["adapt.kmeans_seed_dim=null"]).adapt.kmeans_seed_dim is None
     with pytest.raises(ConfigError, match="exclude each other"):
         load_options(None, ["run.sync_bn=true", "run.bn_split=16"])

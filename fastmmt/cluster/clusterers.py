@@ -19,15 +19,17 @@ class KMeansClusterer:
 
     The features are clustered as given (the k-means variant does NOT re-normalise ``cf``).
     Every epoch uses the same ``seed``, as the reference's ``KMeans(random_state=seed)`` did.
+    ``seed_dim``: the k-means++ seeding's random projection (None: the full space, as scikit-learn;
+    see :func:`~fastmmt.cluster.kmeans`).
     """
 
     def __init__(self, k: int, seed: int = 0, backend: str = "auto", num_threads: int | None = None,
-                 niter: int = 100, nredo: int = 1, progress: bool = False) -> None:
+                 niter: int = 100, nredo: int = 1, seed_dim: int | None = 256, progress: bool = False) -> None:
         self.k, self.seed, self.backend, self.num_threads = k, seed, backend, num_threads
-        self.niter, self.nredo, self.progress = niter, nredo, progress
+        self.niter, self.nredo, self.seed_dim, self.progress = niter, nredo, seed_dim, progress
 
     def __call__(self, features: torch.Tensor, epoch: int) -> ClusterResult:
-        result = kmeans(features, self.k, seed=self.seed, niter=self.niter, nredo=self.nredo,
+        result = kmeans(features, self.k, seed=self.seed, niter=self.niter, nredo=self.nredo, seed_dim=self.seed_dim,
                         backend=self.backend, num_threads=self.num_threads, progress=self.progress)
         result.info["epoch"] = epoch
         return result

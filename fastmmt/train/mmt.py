@@ -167,7 +167,7 @@ class _Adapt:
         else:
             self.clusterer = build_clusterer("kmeans", k=a.k, seed=r.seed, backend=a.cluster_backend,
                                              num_threads=r.num_threads, nredo=a.kmeans_restarts,
-                                             niter=a.kmeans_iters)
+                                             niter=a.kmeans_iters, seed_dim=a.kmeans_seed_dim)
         self.records = target.train
         # decode the target's images once (data.decode_cache) and build its extraction loaders once
         # (data.persistent_loaders): same features and batches as without, only faster

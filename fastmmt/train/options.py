@@ -100,6 +100,8 @@ class AdaptOptions:
     cluster_backend: str = "auto"
     kmeans_restarts: int = 1          # k-means restarts (FAISS nredo); the official code: 10
     kmeans_iters: int = 100           # k-means iteration limit (FAISS niter); the official code: 300
+    kmeans_seed_dim: int | None = 256  # k-means++ seeding in a random projection of this size (faster);
+                                       # null: in the full space, as the official code's scikit-learn
 
 
 @dataclass
@@ -204,6 +206,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("adapt", "soft_tri_weight"): SOME, ("adapt", "ema_alpha"): Range(0, 1), ("adapt", "epsilon"): FRACTION,
     ("adapt", "k1"): COUNT, ("adapt", "k2"): COUNT, ("adapt", "rho"): Range(0, 1, lo_open=True),
     ("adapt", "min_samples"): COUNT, ("adapt", "kmeans_restarts"): COUNT, ("adapt", "kmeans_iters"): COUNT,
+    ("adapt", "kmeans_seed_dim"): COUNT,  # or null: the full space
     ("run", "bn_split"): SOME, ("run", "eval_every"): SOME, ("run", "log_every"): COUNT,
     ("run", "num_threads"): COUNT, ("run", "diverge_factor"): SOME,
 }

@@ -1,0 +1,238 @@
+"""Side by side: the official MMT code and fastmmt from the same source models, on the same data.
+
+    python bench/fidelity/side_by_side.py --official /path/to/MMT --work runs/fidelity
+
+1. Synthetic source and target domains from fastmmt's generator, laid out as the official code
+   reads them (``data/dukemtmc/DukeMTMC-reID`` = source, ``data/market1501/Market-1501-v15.09.15``
+   = target; target pids renumbered into Market's 1..1501).
+2. The official ``examples/source_pretrain.py`` trains the two starting models (seeds 1 and 2).
+3. For every seed: the official ``examples/mmt_train_kmeans.py`` (unchanged, through
+   ``official_runner.py``) and ``fastmmt adapt --init`` from the same two ``model_best.pth.tar``,
+   both evaluating both mean teachers after every epoch.
+4. A table: per epoch, each side's mAP (the mean of its two teachers) as mean +- sd over the
+   seeds, and the difference fastmmt - official. Also written as ``WORK/summary.json``.
+
+Steps whose outputs exist are not run again (delete the folder to redo one). Every process runs
+alone, with the thread count of ``OMP_NUM_THREADS``. README.md beside this file has the set-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUNNER = HERE / "official_runner.py"
+
+# The small CPU shape (default) and the paper's shape (--paper, for a GPU): what differs.
+# The official ResNet sets layer4's stride on a Bottleneck's conv2: its resnet18/34 do not run, so
+# the smallest network both codes share is ResNet-50; 32x16 inputs and P = 8 keep it to minutes.
+SMALL = dict(size="demo", height=32, width=16, arch="resnet50", batch=32, k=120,
+             pre_epochs=20, pre_iters=20, pre_lr=1e-3, pre_warmup=2, pre_milestones=[15],
+             epochs=6, iters=20, lr=7e-4, alpha=0.98)
+PAPER = dict(size="large", height=256, width=128, arch="resnet50", batch=64, k=500,
+             pre_epochs=80, pre_iters=100, pre_lr=3.5e-4, pre_warmup=10, pre_milestones=[40, 70],
+             epochs=40, iters=400, lr=3.5e-4, alpha=0.999)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--official", required=True, help="the user's copy of github.com/yxgeee/MMT")
+    p.add_argument("--work", default="runs/fidelity", help="output folder (data, models, logs, summary)")
+    p.add_argument("--paper", action="store_true", help="the paper's shape (ResNet-50, 256x128, 40x400; a GPU)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="Stage II seeds, run on each side")
+    p.add_argument("--sides", nargs="+", default=["official", "fastmmt"], choices=["official", "fastmmt"],
+                   help="the sides to run (the table also shows the other side's finished runs)")
+    p.add_argument("--python", default=sys.executable, help="the Python of both sides (torch, sklearn, ...)")
+    p.add_argument("--official-path", default="", help="extra sys.path for the official side (e.g. torchvision)")
+    p.add_argument("--imagenet", default="none", help="local torchvision ImageNet weights for the official "
+                   "pre-training (none: from scratch)")
+    p.add_argument("--data-seed", type=int, default=0)
+    for key, val in SMALL.items():
+        kw = dict(nargs="+", type=int) if isinstance(val, list) else dict(type=type(val))
+        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, **kw,
+                       help=f"default {val} (--paper: {PAPER[key]})")
+    p.add_argument("--kmeans", choices=["official", "fast"], default="official",
+                   help="fastmmt's k-means: as the paper configs (10 restarts x 300 iterations, k-means++ in the "
+                        "full space: the official code's values), or fastmmt's defaults")
+    p.add_argument("--fastmmt-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra fastmmt --set (an A/B of one fastmmt option)")
+    p.add_argument("--fastmmt-name", default="fastmmt",
+                   help="folder of the fastmmt runs under WORK (another name keeps an A/B's runs apart)")
+    args = p.parse_args(argv)
+    shape = PAPER if args.paper else SMALL
+    for key, val in shape.items():
+        if getattr(args, key) is None:
+            setattr(args, key, val)
+    return args
+
+
+def make_data(work: Path, size: str, seed: int) -> Path:
+    """Generate the two domains once and lay them out for both codes; returns the data folder."""
+    data = work / "data"
+    done = data / ".done"
+    if done.exists():
+        return data
+    from fastmmt.data.synthetic import generate_domains
+
+    src, tgt = generate_domains(str(work / "raw"), seed=seed, size=size)
+    layout = {Path(src): data / "dukemtmc" / "DukeMTMC-reID", Path(tgt): data / "market1501" / "Market-1501-v15.09.15"}
+    for base, dest in layout.items():
+        for split in ("bounding_box_train", "query", "bounding_box_test"):
+            (dest / split).mkdir(parents=True, exist_ok=True)
+            for f in sorted((base / split).glob("*.jpg")):
+                pid, rest = f.name.split("_", 1)
+                if int(pid) > 5000:  # target pids 5001.. -> Market's range (the official loader asserts <= 1501)
+                    pid = f"{int(pid) - 5000:04d}"
+                shutil.copyfile(f, dest / split / f"{pid}_{rest}")
+    done.write_text("ok\n")
+    return data
+
+
+def run(cmd: list[str], log: Path, env: dict | None = None) -> None:
+    """Run one process alone; its output goes to ``log``; a failure names the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"$ {' '.join(cmd)}\n  (log: {log})", flush=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    if rc:
+        raise SystemExit(f"failed (exit {rc}) after {time.time() - t0:.0f} s; see {log}")
+    print(f"  done in {time.time() - t0:.0f} s", flush=True)
+
+
+def official_env(args: argparse.Namespace, eval_log: Path) -> dict:
+    path = [x for x in (args.official_path, os.environ.get("PYTHONPATH", "")) if x]
+    return {"PYTHONPATH": os.pathsep.join(path), "FIDELITY_EVAL_LOG": str(eval_log), "FIDELITY_IMAGENET": args.imagenet}
+
+
+def pretrain(args: argparse.Namespace, data: Path, work: Path, seed: int) -> Path:
+    out = work / "pretrain" / f"seed{seed}"
+    best = out / "model_best.pth.tar"
+    if best.exists():
+        return best
+    evals = out / "evals.jsonl"
+    evals.unlink(missing_ok=True)
+    cmd = [args.python, str(RUNNER), args.official, "examples/source_pretrain.py",
+           "-ds", "dukemtmc", "-dt", "market1501", "-a", args.arch, "--seed", str(seed), "--margin", "0.0",
+           "--num-instances", "4", "-b", str(args.batch), "-j", "0", "--height", str(args.height),
+           "--width", str(args.width), "--warmup-step", str(args.pre_warmup), "--lr", str(args.pre_lr),
+           "--milestones", *map(str, args.pre_milestones), "--iters", str(args.pre_iters),
+           "--epochs", str(args.pre_epochs), "--eval-step", str(max(1, args.pre_epochs // 2)),
+           "--data-dir", str(data), "--logs-dir", str(out)]
+    run(cmd, out / "run.log", official_env(args, evals))
+    return best
+
+
+def official_mmt(args: argparse.Namespace, data: Path, inits: list[Path], out: Path, seed: int) -> list[list[float]]:
+    """Per epoch [T1 mAP, T2 mAP] of one official run."""
+    evals = out / "evals.jsonl"
+    if not (out / "done").exists():
+        evals.unlink(missing_ok=True)
+        cmd = [args.python, str(RUNNER), args.official, "examples/mmt_train_kmeans.py",
+               "-dt", "market1501", "-a", args.arch, "--num-clusters", str(args.k), "--num-instances", "4",
+               "--lr", str(args.lr), "--alpha", str(args.alpha), "--iters", str(args.iters), "-b", str(args.batch),
+               "--epochs", str(args.epochs), "--soft-ce-weight", "0.5", "--soft-tri-weight", "0.8",
+               "--dropout", "0", "--init-1", str(inits[0]), "--init-2", str(inits[1]), "--seed", str(seed),
+               "--eval-step", "1", "-j", "0", "--height", str(args.height), "--width", str(args.width),
+               "--print-freq", str(max(1, args.iters)), "--data-dir", str(data), "--logs-dir", str(out)]
+        run(cmd, out / "run.log", official_env(args, evals))
+        (out / "done").write_text("ok\n")
+    recs = [json.loads(x) for x in evals.read_text().splitlines()]
+    per_epoch = recs[: 2 * args.epochs]  # T1, T2 per epoch; the last record is the best model's test
+    return [[per_epoch[2 * e]["mAP"], per_epoch[2 * e + 1]["mAP"]] for e in range(args.epochs)]
+
+
+def fastmmt_mmt(args: argparse.Namespace, data: Path, inits: list[Path], out: Path, seed: int) -> list[list[float]]:
+    """Per epoch [T1 mAP, T2 mAP] of one fastmmt run."""
+    log = out / "kmeans" / "log.jsonl"  # fastmmt adapt writes under OUT/METHOD
+    if not (out / "done").exists():
+        sets = {"data.target": "market1501", "data.target_root": str(data / "market1501"),
+                "data.source": "dukemtmc", "data.source_root": str(data / "dukemtmc"),
+                "data.height": args.height, "data.width": args.width, "data.batch_size": args.batch,
+                "data.num_instances": 4, "data.workers": 0, "data.backend": "torch",
+                "model.arch": args.arch, "adapt.method": "kmeans", "adapt.k": args.k, "adapt.epochs": args.epochs,
+                "adapt.iters": args.iters, "adapt.lr": args.lr, "adapt.ema_alpha": args.alpha,
+                "adapt.soft_ce_weight": 0.5, "adapt.soft_tri_weight": 0.8, "model.dropout": 0.0,
+                "run.seed": seed, "run.eval_every": 1,
+                "run.num_threads": int(os.environ.get("OMP_NUM_THREADS", "1"))}
+        if args.kmeans == "official":  # the paper configs' k-means: scikit-learn's values, full-space seeding
+            sets.update({"adapt.kmeans_restarts": 10, "adapt.kmeans_iters": 300, "adapt.kmeans_seed_dim": "null"})
+        cmd = [args.python, "-m", "fastmmt", "adapt", "--init", str(inits[0]), str(inits[1]), "--out", str(out),
+               "--no-progress"]
+        for k, v in sets.items():
+            cmd += ["--set", f"{k}={v}"]
+        for s in args.fastmmt_set:
+            cmd += ["--set", s]
+        if log.exists():
+            log.unlink()
+        run(cmd, out / "run.log")
+        (out / "done").write_text("ok\n")
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    recs = [r for r in recs if "epoch" in r and "mAP" in r and not r.get("final")]
+    return [[r["mAP"], r["T2_mAP"]] for r in sorted(recs, key=lambda r: r["epoch"])]
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+    return m, sd
+
+
+def table(results: dict[str, dict[int, list[list[float]]]], epochs: int) -> str:
+    """Per epoch: each side's mean +- sd over seeds of the two teachers' mean mAP (%), the difference."""
+    lines = [f"{'epoch':>5} {'official':>16} {'fastmmt':>16} {'diff':>7} {'z':>6}"]
+    for e in range(epochs):
+        cells, stats = [], {}
+        for side in ("official", "fastmmt"):
+            vals = [100 * sum(r[e]) / 2 for r in results.get(side, {}).values() if len(r) > e]
+            if vals:
+                m, sd = mean_sd(vals)
+                stats[side] = (m, sd, len(vals))
+                cells.append(f"{m:6.2f} +- {sd:4.2f} ({len(vals)})")
+            else:
+                cells.append(f"{'-':>16}")
+        diff = z = ""
+        if len(stats) == 2:
+            (m1, s1, n1), (m2, s2, n2) = stats["official"], stats["fastmmt"]
+            diff = f"{m2 - m1:+7.2f}"
+            se = math.sqrt((s1 ** 2 / n1 if n1 > 1 else 0) + (s2 ** 2 / n2 if n2 > 1 else 0))
+            z = f"{(m2 - m1) / se:6.2f}" if se > 0 else ""
+        lines.append(f"{e:5d} {cells[0]:>16} {cells[1]:>16} {diff:>7} {z:>6}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.official = str(Path(args.official).resolve())
+    if not (Path(args.official) / "examples" / "mmt_train_kmeans.py").is_file():
+        raise SystemExit(f"--official {args.official}: examples/mmt_train_kmeans.py not found (a copy of "
+                         "github.com/yxgeee/MMT is expected)")
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = make_data(work, args.size, args.data_seed)
+    inits = [pretrain(args, data, work, s) for s in (1, 2)]
+    results: dict[str, dict[int, list[list[float]]]] = {}
+    for seed in args.seeds:
+        for side in ("official", "fastmmt"):
+            fn = official_mmt if side == "official" else fastmmt_mmt
+            folder = "official" if side == "official" else args.fastmmt_name
+            if side not in args.sides and not (work / folder / f"seed{seed}" / "done").exists():
+                continue  # a side not asked for is shown only where its runs exist
+            results.setdefault(side, {})[seed] = fn(args, data, inits, work / folder / f"seed{seed}", seed)
+            print(table(results, args.epochs), flush=True)
+    summary = {"args": vars(args), "mAP_T1_T2_per_epoch": results}
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nmAP (%) on the target test set, mean of the two mean teachers, mean +- sd over seeds:\n"
+          f"{table(results, args.epochs)}\n(written to {work / 'summary.json'})")
+
+
+if __name__ == "__main__":
+    main()
