@@ -250,11 +250,13 @@ def cmd_step(a) -> None:
     from sklearn.preprocessing import normalize
 
     from fastmmt.data.loaders import TrainBatch
-    from fastmmt.train.common import adam
-    from fastmmt.train.mmt import _make_teacher, _set_classifiers, mmt_step
+    from fastmmt.train.mean_teacher import MeanTeacher
+    from fastmmt.train.mmt import _set_classifiers, mmt_step
     from fastmmt.train.model_file import load_model_file
     from fastmmt.train.options import ExperimentOptions
+    from fastmmt.train.optim import adam
     from fastmmt.train.runtime import setup_run
+    from fastmmt.train.update import StepContext
 
     torch.manual_seed(0)
     k, b = a.k, a.batch
@@ -278,7 +280,8 @@ def cmd_step(a) -> None:
     opts.run.sync_each_step = True  # read every loss each step (the comparison reads them anyway)
     rt = setup_run(opts)
     students = [load_model_file(p, opts, torch.device("cpu")) for p in a.init]
-    teachers = [_make_teacher(s) for s in students]
+    mean_teacher = MeanTeacher(students, 0.999)
+    teachers = mean_teacher.teachers
     _set_classifiers(students, teachers, cent_t)
     dt = torch.float64 if a.float64 else torch.float32
     for net in (m1, m2, t1, t2, *students, *teachers):
@@ -306,7 +309,7 @@ def cmd_step(a) -> None:
         # the official trainer's step count is epoch * len(loader) + i: one call per step, epoch = step
         trainer.train(step, One(), opt_o, ce_soft_weight=0.5, tri_soft_weight=0.8, print_freq=1, train_iters=1)
         batch = TrainBatch((x1, x2), y, torch.zeros(b, dtype=torch.int64), torch.arange(b))
-        out = mmt_step(students, students, teachers, opt_f, batch, step, opts, rt)
+        out = mmt_step(StepContext(students, students, opt_f, opts, rt, mean_teacher), batch, step)
 
         print(f"step {step}: fastmmt loss {float(out['loss']):.6f}", flush=True)
         for name, om, fm in (("S1", m1, students[0]), ("S2", m2, students[1])):
