@@ -195,12 +195,12 @@ class _Adapt:
         return _epoch_state(epoch, st, self.nets_all, self.labels, self.clusterer)
 
     def load_state_dict(self, ck: dict) -> RunState:
-        for net, sd in zip(self.nets_all, ck["nets"]):
+        nets = ck["nets"]  # students, then teachers (as _epoch_state writes them)
+        for net, sd in zip(self.students, nets):
             net.reset_classifier(sd["classifier.weight"])
             net.load_state_dict(sd)
-        for t in self.teachers:
-            for q in t.parameters():
-                q.requires_grad_(False)
+        if self.mmt:
+            self.mean_teacher.load_state_dict(nets[len(self.students):])
         if hasattr(self.clusterer, "load_state_dict") and ck.get("clusterer") is not None:
             self.clusterer.load_state_dict(ck["clusterer"])
         return RunState(ck["epoch"] + 1, ck["global_step"], ck["history"], ck.get("best", {}))
