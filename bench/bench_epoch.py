@@ -48,6 +48,7 @@ import torch
 import fastmmt.train.loop as loop
 from fastmmt.data import generate_synthetic, load_dataset
 from fastmmt.train.checkpoint import atomic_save
+from fastmmt.train.hooks import Hook
 from fastmmt.models.factory import make_model
 from fastmmt.train.mmt import adapt
 from fastmmt.train.model_file import model_file
@@ -131,10 +132,14 @@ def run_variant(shape: str, variant: str, target, monkeypatch, run_dir: str) -> 
     dataset, inits, root = target[shape]
     o = options(shape, OFF if variant == "off" else ON, root / run_dir)
     starts, ends = [], []
-    seed, write = loop.seed_everything, loop._write_epoch
+    seed = loop.seed_everything
     monkeypatch.setattr(loop, "seed_everything", lambda *a: (starts.append(time.perf_counter()), seed(*a))[1])
-    monkeypatch.setattr(loop, "_write_epoch", lambda *a: (write(*a), ends.append(time.perf_counter()))[0])
-    adapt(dataset, inits, o, root / run_dir)
+
+    class EpochEnd(Hook):  # user hooks run after the record and checkpoint are written
+        def after_epoch(self, epoch: int, record: dict) -> None:
+            ends.append(time.perf_counter())
+
+    adapt(dataset, inits, o, root / run_dir, hooks=[EpochEnd()])
     monkeypatch.undo()
     records = [json.loads(line) for line in (root / run_dir / "log.jsonl").read_text().splitlines()]
     last = [r for r in records if r.get("epoch") == EPOCHS - 1 and not r.get("final")][-1]

@@ -2,17 +2,21 @@
 (docs/training.md, the block between the hook-example markers) works as written."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from fastmmt.data import generate_domains, load_dataset
+from fastmmt.safe_load import safe_load
 from fastmmt.train import pretrain
 from fastmmt.train.hooks import Hook, Hooks
-from fixtures.make_compat_fixtures import fixture_options
+from fastmmt.train.mmt import adapt
+from fixtures.make_compat_fixtures import fixture_domains, fixture_options
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
+FIXTURE_MODEL = Path(__file__).resolve().parent / "fixtures" / "v2026_12_06" / "model.pt"
 
 
 def _doc_example() -> dict:
@@ -53,3 +57,27 @@ def test_hooks_are_called_in_order_and_the_docs_timer_times_every_step(tmp_path)
 def test_hooks_must_be_hooks():
     with pytest.raises(TypeError, match="Hook instances, got function"):
         Hooks([lambda *a: None])
+
+
+class SeesWrittenEpoch(Hook):
+    """A user hook runs after the runner's own: the record holds both teachers' metrics, and the
+    epoch's checkpoint and log line are already on disk."""
+
+    def __init__(self, run: Path) -> None:
+        self.run, self.seen = run, []
+
+    def after_epoch(self, epoch, record):
+        logged = [json.loads(line) for line in (self.run / "log.jsonl").read_text().splitlines()]
+        ck = safe_load(self.run / "ckpt" / "last.pt")
+        self.seen.append((epoch, "mAP" in record and "T2_mAP" in record, logged[-1] == record, ck["epoch"],
+                          len(ck["history"])))
+
+
+def test_user_hooks_follow_evaluation_and_the_checkpoint(tmp_path):
+    _, target = fixture_domains(tmp_path / "data")
+    o = fixture_options(tmp_path / "run")
+    o.adapt.epochs = 2
+    run = tmp_path / "run" / "kmeans"
+    hook = SeesWrittenEpoch(run)
+    adapt(target, [str(FIXTURE_MODEL)] * 2, o, run, hooks=[hook])
+    assert hook.seen == [(0, True, True, 0, 1), (1, True, True, 1, 2)]

@@ -24,7 +24,8 @@ from fastmmt.train.optim import adam, adam_impl
 from fastmmt.models.factory import make_model
 from fastmmt.train.update import StepContext
 from fastmmt.train.distributed import DistContext
-from fastmmt.train.loop import RunState, _evaluate_epoch
+from fastmmt.train.epoch_hooks import evaluate_epoch
+from fastmmt.train.stage import RunState
 from fastmmt.train.options import PretrainOptions
 from fastmmt.train.pretrain import lr_factor, pretrain_step
 from fastmmt.train.runtime import Runtime
@@ -152,7 +153,7 @@ def test_select_best_over_epochs_and_both_teachers(tmp_path):
     for epoch in range(len(scores)):
         stage.epoch = epoch
         record = {}
-        _evaluate_epoch(stage, epoch, st, record, tmp_path, rt, True, ("T1", "T2"))
+        evaluate_epoch(stage, epoch, st, record, tmp_path, rt, True, ("T1", "T2"))
         assert record["mAP"] == scores[epoch]["T1"] and record["T2_mAP"] == scores[epoch]["T2"]
         winners.append((st.best["epoch"], st.best["model"]))
     assert winners == [(0, "T2"), (1, "T2"), (1, "T2"), (1, "T2")]
@@ -161,7 +162,7 @@ def test_select_best_over_epochs_and_both_teachers(tmp_path):
     assert saved == {"weights_of": "T2", "epoch": 1, "network": "T2"}
     # a clear winner among teachers: T1 when it is strictly better
     stage, st = _FakeStage([{"T1": 0.5, "T2": 0.4}]), RunState()
-    _evaluate_epoch(stage, 0, st, {}, tmp_path, rt, True, ("T1", "T2"))
+    evaluate_epoch(stage, 0, st, {}, tmp_path, rt, True, ("T1", "T2"))
     assert st.best["model"] == "T1"
 
 

@@ -1,9 +1,10 @@
-"""The stage runner: epochs, resume, checkpoints, logging, the evaluation cadence.
+"""The stage runner: resume, epochs, the steps; the end of each epoch through hooks.
 
 A stage (pre-training, MMT, the baseline) describes one epoch through a small interface
 (:class:`Stage`): what to do before the epoch (extract, cluster), its batches, one training step
 that returns a dict of loss tensors, its checkpoint, the networks to evaluate. :func:`run_epochs`
-does the rest, the same way for every stage.
+does the rest, the same way for every stage: evaluation, checkpoint and log record are its own
+hooks (:mod:`fastmmt.train.epoch_hooks`), followed by the user's (:mod:`fastmmt.train.hooks`).
 
 The step reads nothing on the host. Its loss terms are summed on the device by
 :class:`DeviceMeter` and read once every ``run.log_every`` iterations and at the end of the epoch,
@@ -20,60 +21,26 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from fastmmt.train import distributed as ddp
-from fastmmt.train.checkpoint import CheckpointError, atomic_save, read_resume_checkpoint, save_checkpoint
+from fastmmt.train.checkpoint import CheckpointError, read_resume_checkpoint
 from fastmmt.train.divergence import DivergenceGuard
+from fastmmt.train.epoch_hooks import Checkpoint, Evaluation, LogLine
 from fastmmt.train.hooks import Hook, Hooks
 from fastmmt.train.logger import RunLogger
-from fastmmt.train.resume_check import HEADER, check_resume
+from fastmmt.train.resume_check import check_resume
 from fastmmt.train.runtime import Runtime, epoch_seed, seed_everything
+from fastmmt.train.stage import RunState, Stage
 from fastmmt.train.update import check_window
 
 log = logging.getLogger("fastmmt.train")
 
 FINITE = "finite"  # the key of a step's output holding its all-finite flag (a bool tensor)
-
-
-@dataclass
-class RunState:
-    """What a checkpoint restores besides the networks: counters, the history, the best epoch."""
-
-    epoch: int = 0
-    global_step: int = 0
-    history: list = field(default_factory=list)
-    best: dict = field(default_factory=dict)
-
-
-class Stage(Protocol):
-    """One training stage as :func:`run_epochs` drives it."""
-
-    name: str                      # the record's "stage" and the progress bar's label
-    epochs: int
-    iters: int                     # iterations per epoch
-    images_per_step: int           # for images_per_second
-
-    def state_dict(self, epoch: int, st: RunState) -> dict: ...
-    def load_state_dict(self, ck: dict) -> RunState: ...
-    def begin_epoch(self, epoch: int, st: RunState) -> dict: ...
-    def batches(self, epoch: int) -> Iterable: ...
-    def step(self, batch: Any, it: int, global_step: int, where: Callable[[], str]) -> dict[str, torch.Tensor]: ...
-    def describe(self, epoch: int, it: int, global_step: int, indices: torch.Tensor | None) -> str: ...
-    def end_epoch(self, epoch: int, record: dict) -> None: ...
-    def eval_models(self) -> dict[str, nn.Module]: ...
-    def evaluate(self, net: nn.Module) -> dict[str, float]: ...
-    def model_file(self, name: str, **extra) -> dict: ...
-    def write_epoch(self, state: dict, out_dir: Path) -> None: ...
-    def trained_parameters(self) -> list[torch.Tensor]: ...   # what the divergence guard measures
-    def learning_rate(self) -> str: ...                       # the options to name when it fires
 
 
 class DeviceMeter:
@@ -221,25 +188,21 @@ def train_epoch(stage: Stage, rt: Runtime, epoch: int, st: RunState, hooks: Hook
     return means, skipped
 
 
-def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger | None, resume: bool = False,
-               eval_every: int = 0, select_best: bool = False, best_of: tuple[str, ...] | None = None,
-               record_extra: Callable[[int], dict] | None = None,
-               start: Callable[[], None] | None = None, defines: dict | None = None,
-               resume_changed: bool = False, hooks: Iterable[Hook] = ()) -> RunState:
+def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger | None, *, resume: bool = False,
+               resume_changed: bool = False, defines: dict | None = None, hooks: Iterable[Hook] = ()) -> RunState:
     """Run ``stage`` from its first (or resumed) epoch to its last.
 
     ``resume``: restore ``out_dir/ckpt``'s last readable epoch (``stage.load_state_dict``); then
-    ``start()`` (broadcast, DDP wrapping, compiling). Per epoch: seed, ``begin_epoch``, the steps
-    (:func:`train_epoch`), ``end_epoch``, evaluation of every network of ``stage.eval_models()``
-    every ``eval_every`` epochs and at the last (0: never), the best epoch by target mAP over the
-    networks named in ``best_of`` (default: the first) written as ``best.pt`` when
-    ``select_best``, then the checkpoint and the record (``logger``: rank 0's, None elsewhere).
-    ``defines``: the run's defining options (:func:`~fastmmt.train.resume_check.defining_options`),
-    recorded in every checkpoint and compared on resume (refused when they differ, unless
-    ``resume_changed``). ``run.diverge_factor`` > 0: the divergence guard is on. ``hooks``: user
-    callbacks (:mod:`fastmmt.train.hooks`) before each epoch, after each step and after each epoch.
+    ``stage.start()`` (broadcast, DDP wrapping, compiling). Per epoch: seed, ``begin_epoch``, the
+    steps (:func:`train_epoch`), ``end_epoch``, then the hooks' ``after_epoch``: first the
+    runner's own (:mod:`fastmmt.train.epoch_hooks`: evaluation every ``stage.eval_every`` epochs
+    and at the last, the best epoch as ``best.pt`` with ``stage.select_best``; the checkpoint and
+    the record, ``logger`` being rank 0's and None elsewhere; the log line), then the user's
+    ``hooks`` (:mod:`fastmmt.train.hooks`). ``defines``: the run's defining options
+    (:func:`~fastmmt.train.resume_check.defining_options`), recorded in every checkpoint and
+    compared on resume (refused when they differ, unless ``resume_changed``).
+    ``run.diverge_factor`` > 0: the divergence guard is on.
     """
-    hooks = Hooks(hooks)
     out_dir = Path(out_dir)
     ctx = rt.ctx
     st = RunState()
@@ -251,17 +214,17 @@ def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger
                 check_resume(ck, path, defines, resume_changed)
             st = _restore(stage, ck, path)
             log.info("resumed %s at epoch %d (global step %d)", stage.name, st.epoch, st.global_step)
-    if start is not None:
-        start()
+    stage.start()
     r = rt.opts.run
     guard = DivergenceGuard(stage.trained_parameters, r.diverge_factor, stage.learning_rate) \
         if r.diverge_factor > 0 else None
+    hooks = Hooks([Evaluation(stage, st, out_dir, rt), Checkpoint(stage, st, out_dir, rt, logger, defines),
+                   LogLine(stage.name, ctx.is_main), *hooks])
     if logger is not None:
         logger.start_at(st.epoch)
     for epoch in range(st.epoch, stage.epochs):
         seed_everything(epoch_seed(rt.seed, epoch))
-        record: dict[str, Any] = {"stage": stage.name, **(record_extra(epoch) if record_extra else {}),
-                                  "epoch": epoch}
+        record: dict[str, Any] = {"stage": stage.name, "epoch": epoch}
         extra = stage.begin_epoch(epoch, st)
         hooks.before_epoch(epoch, st.global_step)
         t0 = time.perf_counter()
@@ -273,16 +236,6 @@ def run_epochs(stage: Stage, rt: Runtime, out_dir: str | Path, logger: RunLogger
                        "images_per_second": stage.iters * stage.images_per_step / seconds,
                        "skipped_steps": skipped, "world_size": ctx.world_size})
         stage.end_epoch(epoch, record)
-        if eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == stage.epochs):
-            _evaluate_epoch(stage, epoch, st, record, out_dir, rt, select_best, best_of)
-        st.history.append(record)
-        state = stage.state_dict(epoch, st)
-        if defines is not None:
-            state[HEADER] = {"options": defines}
-        ddp.run_on_main(ctx, _write_epoch, stage, state, record, out_dir, logger)
-        if ctx.is_main:
-            log.info("%s epoch %d: %s", stage.name, epoch,
-                     ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
         hooks.after_epoch(epoch, record)
         st.epoch = epoch + 1
     return st
@@ -298,34 +251,3 @@ def _restore(stage: Stage, ck: dict, path: Path) -> RunState:
         what = f"missing {e}" if isinstance(e, KeyError) else " ".join(lines[:2])[:300]
         raise CheckpointError(f"{path} does not fit this run ({type(e).__name__}: {what}); it was written by another "
                               f"kind of run or network: use that run's settings or another output folder") from None
-
-
-def _evaluate_epoch(stage: Stage, epoch: int, st: RunState, record: dict, out_dir: Path, rt: Runtime,
-                    select_best: bool, best_of: tuple[str, ...] | None) -> None:
-    """Evaluate every network of the stage; the first's metrics are the record's, the others'
-    mAP is logged as ``NAME_mAP``; the best epoch over ``best_of`` is kept as ``best.pt``."""
-    nets = stage.eval_models()
-    results = {name: stage.evaluate(net) for name, net in nets.items()}
-    names = list(results)
-    record.update(results[names[0]])
-    for name in names[1:]:
-        record[f"{name}_mAP"] = results[name]["mAP"]
-        record["eval_seconds"] += results[name]["eval_seconds"]
-    if not select_best:
-        return
-    pool = best_of or names[:1]
-    # on a tie between networks the later one of best_of wins (the official MMT code kept
-    # teacher 2 when the two teachers tied); across epochs only a strictly better mAP replaces
-    name = max(reversed(pool), key=lambda n: results[n]["mAP"])
-    met = results[name]
-    if met["mAP"] > st.best.get("mAP", -1.0):
-        st.best = {"epoch": epoch, **met} | ({"model": name} if len(pool) > 1 else {})
-        ddp.run_on_main(rt.ctx, atomic_save, stage.model_file(name, epoch=epoch, network=name),
-                        out_dir / "best.pt")
-
-
-def _write_epoch(stage: Stage, state: dict, record: dict, out_dir: Path, logger: RunLogger) -> None:
-    """Rank 0's end of an epoch: checkpoint first (atomic), then the stage's files and the log."""
-    save_checkpoint(state, out_dir / "ckpt")
-    stage.write_epoch(state, out_dir)
-    logger.log(record)

@@ -30,7 +30,8 @@ from fastmmt.train.checkpoint import atomic_save
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.hooks import Hook
 from fastmmt.train.logger import RunLogger
-from fastmmt.train.loop import FINITE, RunState, run_epochs
+from fastmmt.train.loop import FINITE, run_epochs
+from fastmmt.train.stage import RunState
 from fastmmt.train.mean_teacher import MeanTeacher
 from fastmmt.train.model_file import StageResult, load_model_file, model_file
 from fastmmt.train.optim import adam, adam_impl, trunk_parameters
@@ -152,6 +153,10 @@ class _Adapt:
         self.opts, self.rt, self.target = opts, rt, target
         self.mmt = a.method != "baseline"
         self.name, self.epochs, self.iters = a.method, a.epochs, a.iters
+        # run.select_best: the best target-test mAP over the epochs and BOTH mean teachers, as the
+        # official code chose its figure (on the test set: opt-in)
+        self.eval_every, self.select_best = r.eval_every, r.select_best
+        self.best_of = ("T1", "T2") if self.mmt else ("S1",)
         self.images_per_step = d.batch_size * (2 if self.mmt else 1)
         students = [load_model_file(pth, opts, rt.device) for pth in init_models]
         if r.sync_bn:
@@ -269,7 +274,7 @@ class _Adapt:
         record["ema_backend"] = self.sc.info.get("ema_backend")
 
     def eval_models(self) -> dict[str, nn.Module]:
-        return {"T1": self.teachers[0], "T2": self.teachers[1]} if self.mmt else {"S1": self.students[0]}
+        return dict(zip(self.best_of, self.teachers if self.mmt else self.students))
 
     def evaluate(self, net: nn.Module) -> dict[str, float]:
         return self.extraction.evaluate(net)
@@ -324,11 +329,7 @@ def _adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions,
     stage = _Adapt(target, init_models, opts, rt)
     logger = RunLogger(out_dir) if rt.is_main else None
     defines = defining_options(a.method, opts, {"target": target}, stage.students[0].model_options)
-    # run.select_best: the best target-test mAP over the epochs and BOTH mean teachers, as the
-    # official code chose its figure (on the test set: opt-in)
-    best_of = tuple(stage.eval_models())
-    st = run_epochs(stage, rt, out_dir, logger, resume, eval_every=r.eval_every, select_best=r.select_best,
-                    best_of=best_of, start=stage.start, defines=defines, resume_changed=resume_changed,
+    st = run_epochs(stage, rt, out_dir, logger, resume=resume, resume_changed=resume_changed, defines=defines,
                     hooks=hooks)
     eval_net = stage.eval_net
     final_path = ddp.run_on_main(rt.ctx, atomic_save, model_file(eval_net, eval_net.classifier.out_features,
@@ -340,7 +341,7 @@ def _adapt(target: ReIDDataset, init_models: list[str], opts: ExperimentOptions,
         metrics.pop("eval_seconds")
     if r.select_best and st.best:
         metrics = {k: st.best[k] for k in ("mAP", "rank1", "rank5", "rank10")} | {
-            "epoch": st.best["epoch"], "model": st.best.get("model", best_of[0])}
+            "epoch": st.best["epoch"], "model": st.best.get("model", stage.best_of[0])}
     seconds = {k: sum(h.get(f"{k}_seconds", 0.0) for h in st.history) for k in ("extract", "cluster", "train", "eval")}
     if logger is not None:
         logger.log({"stage": a.method, "final": True, **metrics})

@@ -21,7 +21,8 @@ from fastmmt.train.checkpoint import atomic_save
 from fastmmt.train.extraction import RunExtraction, make_decoded_cache
 from fastmmt.train.hooks import Hook
 from fastmmt.train.logger import RunLogger
-from fastmmt.train.loop import FINITE, RunState, run_epochs
+from fastmmt.train.loop import FINITE, run_epochs
+from fastmmt.train.stage import RunState
 from fastmmt.train.model_file import StageResult, model_file
 from fastmmt.train.optim import adam, adam_impl, trunk_parameters
 from fastmmt.train.options import ExperimentOptions, PretrainOptions
@@ -84,6 +85,8 @@ class _Pretrain:
         d, m, p, r = opts.data, opts.model, opts.pretrain, opts.run
         self.opts, self.rt, self.target, self.source = opts, rt, target, source
         self.name, self.epochs, self.iters = "pretrain", p.epochs, p.iters
+        # the runner evaluates nothing per epoch: pretrain.select evaluates the source in end_epoch
+        self.eval_every, self.select_best, self.best_of = 0, False, None
         # pretrain.select=source_best: the best source test mAP so far and that epoch's weights
         self.best: dict = {}
         self.best_state: dict | None = None
@@ -141,7 +144,7 @@ class _Pretrain:
     def begin_epoch(self, epoch: int, st: RunState) -> dict:
         self.model.train()
         self._tgt_iter = self.tgt.epoch(epoch, self.iters) if self.tgt is not None else None
-        return {"lr": self.optimizer.param_groups[0]["lr"]}
+        return {"seed": self.rt.seed, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def batches(self, epoch: int):
         return self.src.epoch(epoch, self.iters)
@@ -237,8 +240,8 @@ def _pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentO
     stage = _Pretrain(source, target, opts, rt)
     logger = RunLogger(out_dir) if rt.is_main else None
     defines = defining_options("pretrain", opts, {"source": source, "target": target}, opts.model)
-    st = run_epochs(stage, rt, out_dir, logger, resume, record_extra=lambda e: {"seed": seed}, start=stage.start,
-                    defines=defines, resume_changed=resume_changed, hooks=hooks)
+    st = run_epochs(stage, rt, out_dir, logger, resume=resume, resume_changed=resume_changed, defines=defines,
+                    hooks=hooks)
     chosen = stage.select_model()
     model_path = ddp.run_on_main(rt.ctx, atomic_save, stage.model_file("model", **chosen), out_dir / "model.pt")
     metrics: dict = {}
