@@ -89,17 +89,17 @@ def recording_adam(models, *args):
     return opt
 
 
-def dumping(epoch, st, nets, labels, clusterer):
-    state = real_state(epoch, st, nets, labels, clusterer)
+def dumping(self, epoch, st):
+    state = real_state(self, epoch, st)
     torch.save({**state, "steps": steps}, Path(dump) / f"rank{rank}_ep{epoch}.pt")
     return state
 
 
-real_loss, real_adam, real_state = mmt.mmt_loss, mmt.adam, mmt._epoch_state
+real_loss, real_adam, real_state = mmt.mmt_loss, mmt.adam, mmt._Adapt.state_dict
 target = load_dataset("synthetic", opts.data.target_root)
 if stage == "adapt":
     mmt.load_model_file = to_float64(mmt.load_model_file)
-    mmt.mmt_loss, mmt.adam, mmt._epoch_state = recording_loss, recording_adam, dumping
+    mmt.mmt_loss, mmt.adam, mmt._Adapt.state_dict = recording_loss, recording_adam, dumping
     mmt.adapt(target, inits, opts, out)
 else:
     pt.make_model, pt.adam = to_float64(pt.make_model), recording_adam

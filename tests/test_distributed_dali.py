@@ -51,14 +51,14 @@ from fastmmt.train.distributed import cleanup
 
 cfg, target_root, out, runs, *inits = sys.argv[1:]
 trace = {}
-real_state, real_train = mmt._epoch_state, mmt.build_train_loader
+real_state, real_train = mmt._Adapt.state_dict, mmt.build_train_loader
 # the trainer's modules that build extraction loaders
 extractors = [m for m in (importlib.import_module(f"fastmmt.train.{n}") for n in ("common", "extraction")
                           if importlib.util.find_spec(f"fastmmt.train.{n}")) if hasattr(m, "build_test_loader")]
 real_test = extractors[0].build_test_loader
 
-def dumping(epoch, st, nets, labels, clusterer):
-    state = real_state(epoch, st, nets, labels, clusterer)
+def dumping(self, epoch, st):
+    state = real_state(self, epoch, st)
     trace["states"].append(state)
     return state
 
@@ -78,7 +78,7 @@ def test_loader(*args, **kwargs):
     trace["test_loaders"].append(type(loader).__name__)
     return loader
 
-mmt._epoch_state, mmt.build_train_loader = dumping, train_loader
+mmt._Adapt.state_dict, mmt.build_train_loader = dumping, train_loader
 for m in extractors:
     m.build_test_loader = test_loader
 target = load_dataset("synthetic", target_root)

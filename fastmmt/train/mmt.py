@@ -58,6 +58,19 @@ FEWER_CLUSTERS_HINT = {"kmeans": ", or raise adapt.k", "baseline": ", or raise a
                        "dbscan": ", or raise adapt.rho or lower adapt.min_samples"}
 
 
+def make_clusterer(opts: ExperimentOptions, target: ReIDDataset):
+    """The pseudo-label clusterer of ``adapt.method``: DBSCAN on Jaccard distances, the target's
+    true identities (oracle), or k-means (MMT's k-means variant and the baseline)."""
+    a, r = opts.adapt, opts.run
+    if a.method == "dbscan":
+        return build_clusterer("dbscan", k1=a.k1, k2=a.k2, rho=a.rho, min_samples=a.min_samples, seed=r.seed,
+                               num_threads=r.num_threads)
+    if a.method == "oracle":
+        return build_clusterer("known", labels=np.array([x.pid for x in target.train]))
+    return build_clusterer("kmeans", k=a.k, seed=r.seed, backend=a.cluster_backend, num_threads=r.num_threads,
+                           nredo=a.kmeans_restarts, niter=a.kmeans_iters, seed_dim=a.kmeans_seed_dim)
+
+
 def _cluster(clusterer, cf: torch.Tensor, epoch: int, a: AdaptOptions, d: DataOptions) -> ClusterResult:
     """Pseudo-labels of ``epoch``; an unusable clustering names the epoch and what to change."""
     # the hint says which way to move the option only where that is the cause
@@ -79,13 +92,6 @@ def _cluster(clusterer, cf: torch.Tensor, epoch: int, a: AdaptOptions, d: DataOp
             f"data.batch_size={d.batch_size} ({p} identities x data.num_instances={d.num_instances}) needs at "
             f"least {p}; lower data.batch_size" + FEWER_CLUSTERS_HINT.get(a.method, ""))
     return res
-
-
-def _epoch_state(epoch: int, st: RunState, nets: list[nn.Module], labels: np.ndarray, clusterer) -> dict:
-    """The checkpoint of the end of ``epoch`` (built on every rank, written by rank 0)."""
-    return {"epoch": epoch, "global_step": st.global_step, "history": st.history, "best": st.best,
-            "nets": [net.state_dict() for net in nets], "labels": labels,
-            "clusterer": clusterer.state_dict() if hasattr(clusterer, "state_dict") else None}
 
 
 def mmt_step(sc: StepContext, batch: TrainBatch, global_step: int,
@@ -158,21 +164,15 @@ class _Adapt:
         self.eval_every, self.select_best = r.eval_every, r.select_best
         self.best_of = ("T1", "T2") if self.mmt else ("S1",)
         self.images_per_step = d.batch_size * (2 if self.mmt else 1)
+        # the networks: students from the model files, their mean teachers
         students = [load_model_file(pth, opts, rt.device) for pth in init_models]
         if r.sync_bn:
             students = ddp.convert_sync_bn(students, rt.ctx)
         self.students = students
         self.mean_teacher = MeanTeacher(students, a.ema_alpha, r.ema_backend) if self.mmt else None
         self.teachers = self.mean_teacher.teachers if self.mmt else []
-        if a.method == "dbscan":
-            self.clusterer = build_clusterer("dbscan", k1=a.k1, k2=a.k2, rho=a.rho, min_samples=a.min_samples,
-                                             seed=r.seed, num_threads=r.num_threads)
-        elif a.method == "oracle":
-            self.clusterer = build_clusterer("known", labels=np.array([x.pid for x in target.train]))
-        else:
-            self.clusterer = build_clusterer("kmeans", k=a.k, seed=r.seed, backend=a.cluster_backend,
-                                             num_threads=r.num_threads, nredo=a.kmeans_restarts,
-                                             niter=a.kmeans_iters, seed_dim=a.kmeans_seed_dim)
+        # the pseudo-labels' clusterer; the target's images and their extraction
+        self.clusterer = make_clusterer(opts, target)
         self.records = target.train
         # decode the target's images once (data.decode_cache) and build its extraction loaders once
         # (data.persistent_loaders): same features and batches as without, only faster
@@ -197,10 +197,15 @@ class _Adapt:
             compile_backbones(self.nets_all)
 
     def state_dict(self, epoch: int, st: RunState) -> dict:
-        return _epoch_state(epoch, st, self.nets_all, self.labels, self.clusterer)
+        """The checkpoint of the end of ``epoch`` (built on every rank, written by rank 0); its
+        networks: the students, then the mean teachers."""
+        teachers = self.mean_teacher.state_dict() if self.mmt else []
+        return {"epoch": epoch, "global_step": st.global_step, "history": st.history, "best": st.best,
+                "nets": [s.state_dict() for s in self.students] + teachers, "labels": self.labels,
+                "clusterer": self.clusterer.state_dict() if hasattr(self.clusterer, "state_dict") else None}
 
     def load_state_dict(self, ck: dict) -> RunState:
-        nets = ck["nets"]  # students, then teachers (as _epoch_state writes them)
+        nets = ck["nets"]  # students, then teachers (as state_dict writes them)
         for net, sd in zip(self.students, nets):
             net.reset_classifier(sd["classifier.weight"])
             net.load_state_dict(sd)
