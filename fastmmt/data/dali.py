@@ -305,28 +305,38 @@ class _DaliLoaderBase:
             return decode_pipeline(source, batch_size=batch_size, device=self.device, num_threads=self.workers,
                                    device_id=self._device_id, prefetch=2)
 
-        def repair(feeds: list[_Feed], err: Exception) -> list[_Feed]:
-            self._dali_error(feeds, err)
-            return [f for f in (self._readable_feed(f.indices) for f in feeds) if f is not None]
+        def feed(indices: np.ndarray) -> _Feed | None:  # unreadable files are left out (recorded bad)
+            return self._files_feed(indices, self.images.get, lambda err: None)
 
-        chunks = (self._readable_feed(todo[s:s + batch_size]) for s in range(0, len(todo), batch_size))
-        for _, outs in _PipelineRunner(make, repair).run(f for f in chunks if f is not None):
+        chunks = (feed(todo[s:s + batch_size]) for s in range(0, len(todo), batch_size))
+        for _, outs in _PipelineRunner(make, self._refeed(feed)).run(f for f in chunks if f is not None):
             images = outs[1].as_cpu() if self.device == "gpu" else outs[1]
             for k, i in enumerate(np.array(outs[0].as_tensor(), dtype=np.int64).tolist()):
                 if not cache.put(int(self._slots[i]), np.array(images.at(k))):
                     raise DecodedCacheError(f"image {self.records[i].path!r} decodes to {np.array(images.at(k)).shape}, "
                                             f"not the size its header announces: turn the decoded-image cache off")
 
-    def _readable_feed(self, indices: np.ndarray) -> _Feed | None:
-        """File bytes of the readable images among ``indices`` (the others are recorded bad)."""
+    @staticmethod
+    def _files_feed(indices: np.ndarray, read: Callable[[int], np.ndarray],
+                    unreadable: Callable[[ImageReadError], None]) -> _Feed | None:
+        """The feed of the images among ``indices`` that ``read`` reads; ``unreadable`` decides
+        about each other one (ignore it, or apply the ``on_error`` policy); None when none is left."""
         keep, encoded = [], []
         for i in indices.tolist():
             try:
-                encoded.append(self.images.get(i))
+                encoded.append(read(i))
                 keep.append(i)
-            except ImageReadError:
-                pass
+            except ImageReadError as err:
+                unreadable(err)
         return _Feed(np.array(keep, dtype=np.int64), encoded) if keep else None
+
+    def _refeed(self, feed: Callable[[np.ndarray], _Feed | None]) -> Callable[[list[_Feed], Exception], list[_Feed]]:
+        """A pipeline runner's ``repair``: name the unreadable files of the failed batches, then
+        build those batches again with ``feed`` (which leaves them out)."""
+        def repair(feeds: list[_Feed], err: Exception) -> list[_Feed]:
+            self._dali_error(feeds, err)
+            return [f for f in (feed(f.indices) for f in feeds) if f is not None]
+        return repair
 
     @property
     def skipped(self) -> int:
@@ -458,7 +468,7 @@ class DaliTestLoader(_DaliLoaderBase):
                              f"{batch_size}")
         self.height, self.width, self.batch_size = height, width, batch_size
         self._prefetch = prefetch
-        self._runner = _PipelineRunner(self._make_pipeline, self._repair)
+        self._runner = _PipelineRunner(self._make_pipeline, self._refeed(self._feed))
 
     def _make_pipeline(self, source: Callable[[], tuple]):
         return test_pipeline(source, batch_size=self.batch_size, height=self.height, width=self.width,
@@ -471,18 +481,8 @@ class DaliTestLoader(_DaliLoaderBase):
         return -(-len(self.records) // self.batch_size)
 
     def _feed(self, indices: np.ndarray) -> _Feed | None:
-        keep, encoded = [], []
-        for i in indices.tolist():
-            try:
-                encoded.append(self._sample(i))
-                keep.append(i)
-            except ImageReadError as err:
-                self.policy.handle(err)
-        return _Feed(np.array(keep, dtype=np.int64), encoded) if keep else None
-
-    def _repair(self, feeds: list[_Feed], err: Exception) -> list[_Feed]:
-        self._dali_error(feeds, err)
-        return [f for f in (self._feed(f.indices) for f in feeds) if f is not None]
+        """The batch's readable images; each unreadable one goes through the ``on_error`` policy."""
+        return self._files_feed(indices, self._sample, self.policy.handle)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         self._fill_decoded(self.batch_size)
