@@ -93,3 +93,11 @@ def tiny_run(tmp_path_factory) -> dict:
     from reliability_env import build_env
 
     return build_env(tmp_path_factory.mktemp("tiny_run"))
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    """The tiny synthetic source and target folders, made once per test session (read-only)."""
+    from synthetic_fixtures import tiny_domain_folders
+
+    return tiny_domain_folders(tmp_path_factory.mktemp("tiny_domains"))

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import yaml
 
 from fastmmt.cli import main as cli_main
-from fastmmt.data import generate_domains, load_dataset
+from fastmmt.data import load_dataset
 from fastmmt.train import adapt, pretrain
-from test_train_e2e import tiny_options
+from synthetic_fixtures import tiny_domain_folders, tiny_options, write_config
 
 
 class Payload:
@@ -35,7 +32,7 @@ def with_payload(obj: dict, marker: Path, path: Path) -> Path:
 
 def build_env(root: Path) -> dict:
     """Tiny domains, two pre-trained models, a finished one-epoch k-means run and its config."""
-    src, tgt = generate_domains(str(root / "syn"), seed=3, size="tiny", height=64, width=32)
+    src, tgt = tiny_domain_folders(root / "syn")
     source, target = load_dataset("synthetic", src), load_dataset("synthetic", tgt)
     o = tiny_options(root)
     o.adapt.epochs, o.run.eval_every = 1, 0
@@ -44,7 +41,7 @@ def build_env(root: Path) -> dict:
              for s in (1, 2)]
     adapt(target, inits, o, root / "out" / "kmeans")
     cfg = root / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(json.loads(json.dumps(asdict(o)))))
+    write_config(o, cfg)
     return {"root": root, "src": src, "tgt": tgt, "inits": inits, "cfg": cfg, "out": root / "out",
             "source": source, "target": target, "opts": o}
 

@@ -14,28 +14,26 @@ import errno
 import hashlib
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 import fastmmt.train.mmt as mmt_mod
 from fastmmt.cli import main as cli_main
-from fastmmt.data import generate_domains, load_dataset
+from fastmmt.data import load_dataset
 from fastmmt.data.image_io import load_image
 from fastmmt.train import adapt, pretrain
-from test_train_e2e import tiny_options
+from synthetic_fixtures import tiny_domain_folders, tiny_options, write_config
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Tiny domains, two pre-trained models, a finished k-means run and its config file."""
     root = tmp_path_factory.mktemp("bad")
-    src, tgt = generate_domains(str(root / "syn"), seed=3, size="tiny", height=64, width=32)
+    src, tgt = tiny_domain_folders(root / "syn")
     source, target = load_dataset("synthetic", src), load_dataset("synthetic", tgt)
     o = tiny_options(root)
     o.adapt.epochs, o.run.eval_every = 1, 0
@@ -43,7 +41,7 @@ def env(tmp_path_factory):
     inits = [pretrain(source, target, o, seed=s, out_dir=root / f"seed{s}").model_path for s in (1, 2)]
     adapt(target, inits, o, root / "out" / "kmeans")
     cfg = root / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(json.loads(json.dumps(asdict(o)))))
+    write_config(o, cfg)
     return {"root": root, "src": src, "tgt": tgt, "inits": inits, "cfg": cfg, "out": root / "out"}
 
 
@@ -229,7 +227,7 @@ def test_disk_full_while_writing_a_checkpoint(env, capsys, monkeypatch, tmp_path
     o.adapt.epochs, o.run.eval_every = 2, 0
     o.data.target_root = env["tgt"]
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(json.loads(json.dumps(asdict(o)))))
+    write_config(o, cfg)
     real_save, saves = torch.save, []
 
     def full_after_first(obj, f, *a, **k):

@@ -13,19 +13,16 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from fastmmt.data import generate_domains
 from fastmmt.data.loaders import TorchTrainLoader
 from fastmmt.data.sampler import rank_share
 from fastmmt.train.distributed import DistContext, DistributedError, check_batch_shares, shard_range
-from test_train_e2e import tiny_options
+from synthetic_fixtures import tiny_options, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -132,10 +129,8 @@ def _epochs(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def domains(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn")
-    src, tgt = generate_domains(str(root), seed=3, size="tiny", height=64, width=32)
-    return src, tgt
+def domains(tiny_folders):
+    return tiny_folders
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +142,7 @@ def dist_pretrained(domains, tmp_path_factory):
     o.pretrain.epochs, o.pretrain.iters = 2, 3
     o.data.source_root, o.data.target_root = src, tgt
     cfg = out / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(json.loads(json.dumps(asdict(o)))))
+    write_config(o, cfg)
     _torchrun("-m", "fastmmt", "pretrain", "--config", str(cfg), "--out", str(out), "--no-progress")
     return out, o
 
@@ -155,7 +150,7 @@ def dist_pretrained(domains, tmp_path_factory):
 def _run_dump(tmp_path: Path, name: str, stage: str, o, inits: list[str], ranks: int) -> Path:
     """DUMP_SCRIPT under torchrun (``ranks`` > 1) or as one plain process; returns the dump folder."""
     cfg = tmp_path / f"{name}.yaml"
-    cfg.write_text(yaml.safe_dump(json.loads(json.dumps(asdict(o)))))
+    write_config(o, cfg)
     script = tmp_path / "dump_run.py"
     script.write_text(DUMP_SCRIPT)
     dump = tmp_path / f"dump_{name}"

@@ -22,17 +22,15 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from fastmmt.data import generate_domains, load_dataset
+from fastmmt.data import load_dataset
 from fastmmt.train import pretrain
-from test_train_e2e import tiny_options
+from synthetic_fixtures import tiny_domain_folders, tiny_options, write_config
 
 pytestmark = pytest.mark.dali  # skipped, with the reason, where DALI is not installed
 
@@ -111,11 +109,11 @@ def setup(tmp_path_factory):
     o.adapt.epochs, o.adapt.iters = 2, 2
     o.run.eval_every = 0
     o.data.backend, o.data.workers = "torch", 0
-    src, tgt = generate_domains(str(root / "syn"), seed=3, size="tiny", height=o.data.height, width=o.data.width)
+    src, tgt = tiny_domain_folders(root / "syn", o.data.height, o.data.width)
     source, target = load_dataset("synthetic", src), load_dataset("synthetic", tgt)
     inits = [pretrain(source, target, o, seed=s, out_dir=root / f"pre{s}").model_path for s in (1, 2)]
     cfg = root / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(json.loads(json.dumps(asdict(o)))))
+    write_config(o, cfg)
     script = root / "run_adapt.py"
     script.write_text(SCRIPT)
     return root, cfg, tgt, inits, script

@@ -12,7 +12,7 @@ import torch
 from fastmmt.train import adapt, pretrain
 from fastmmt.train.divergence import DivergenceError, parameter_norm
 from reliability_env import adapt_args, copy_run, digest, one_line, run_cli
-from test_train_e2e import tiny_options
+from synthetic_fixtures import tiny_options
 
 
 @pytest.fixture

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from fastmmt.data import generate_domains, load_dataset
+from fastmmt.data import load_dataset
 from fastmmt.safe_load import safe_load
 from fastmmt.train import pretrain
 from fastmmt.train.hooks import Hook, Hooks
 from fastmmt.train.mmt import adapt
 from fixtures.make_compat_fixtures import fixture_domains, fixture_options
+from synthetic_fixtures import tiny_domain_folders
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 FIXTURE_MODEL = Path(__file__).resolve().parent / "fixtures" / "v2026_12_06" / "model.pt"
@@ -44,7 +45,7 @@ class Recorder(Hook):
 
 
 def test_hooks_are_called_in_order_and_the_docs_timer_times_every_step(tmp_path):
-    src, _ = generate_domains(str(tmp_path / "data"), seed=3, size="tiny", height=32, width=16)
+    src, _ = tiny_domain_folders(tmp_path / "data", 32, 16)
     o = fixture_options(tmp_path / "run")
     o.pretrain.epochs, o.pretrain.iters, o.pretrain.eval_every = 2, 3, 2
     timer, rec = _doc_example()["StepTimer"](), Recorder()

@@ -16,7 +16,7 @@ from torch import nn
 import fastmmt.train.mmt as mmt_mod
 from fastmmt.cli import main as cli_main
 from fastmmt.cli.config import load_options
-from fastmmt.data import generate_domains, load_dataset
+from fastmmt.data import load_dataset
 from fastmmt.data.loaders import TrainBatch
 from fastmmt.ops import reference as ref
 from fastmmt.train import adapt, evaluate_model_file, load_model_file, pretrain
@@ -29,7 +29,7 @@ from fastmmt.train.stage import RunState
 from fastmmt.train.options import PretrainOptions
 from fastmmt.train.pretrain import lr_factor, pretrain_step
 from fastmmt.train.runtime import Runtime
-from test_train_e2e import tiny_options
+from synthetic_fixtures import tiny_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,9 +168,8 @@ def test_select_best_over_epochs_and_both_teachers(tmp_path):
 
 # --- end to end on the tiny synthetic domains -------------------------------------------------------
 @pytest.fixture(scope="module")
-def domains(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn")
-    src, tgt = generate_domains(str(root), seed=3, size="tiny", height=64, width=32)
+def domains(tiny_folders):
+    src, tgt = tiny_folders
     return load_dataset("synthetic", src), load_dataset("synthetic", tgt)
 
 

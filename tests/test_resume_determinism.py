@@ -13,17 +13,15 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from fastmmt.cli import main as cli_main
-from fastmmt.data import generate_domains, load_dataset
+from fastmmt.data import load_dataset
 from fastmmt.train import adapt, pretrain
-from test_train_e2e import tiny_options
+from synthetic_fixtures import tiny_domain_folders, tiny_options, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +65,7 @@ def _options(out: Path):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("det")
-    src, tgt = generate_domains(str(root / "syn"), seed=3, size="tiny", height=64, width=32)
+    src, tgt = tiny_domain_folders(root / "syn")
     source, target = load_dataset("synthetic", src), load_dataset("synthetic", tgt)
     o = _options(root)
     inits = [pretrain(source, target, o, seed=s, out_dir=root / f"seed{s}").model_path for s in (1, 2)]
@@ -111,7 +109,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(setup, tmp_path, cap
     adapt(target, inits, o, ref / "dbscan")
 
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(json.loads(json.dumps(asdict(o)))))
+    write_config(o, cfg)
     out = tmp_path / "killed"
     args = ["adapt", "--config", str(cfg), "--out", str(out), "--init", *inits, "--no-progress"]
     stop_at = o.adapt.iters + 1  # one step into the second epoch, one to go

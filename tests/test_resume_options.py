@@ -5,17 +5,14 @@ naming it.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 
 import pytest
 import torch
-import yaml
 
 from fastmmt.cli import main as cli_main
 from fastmmt.train.checkpoint import CheckpointError, load_checkpoint
 from reliability_env import adapt_args, copy_run, digest, kept, one_line, run_cli
-from test_train_e2e import tiny_options
+from synthetic_fixtures import tiny_options, write_config
 
 
 @pytest.fixture
@@ -46,7 +43,7 @@ def test_resume_with_another_network_is_one_line(env, capsys, tmp_path):
     o.data.source_root, o.data.target_root = env["src"], env["tgt"]
     o.run.eval_every = 0
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(json.loads(json.dumps(asdict(o)))))
+    write_config(o, cfg)
     out = tmp_path / "p"
     args = ["pretrain", "--config", str(cfg), "--out", str(out), "--seed", "1"]
     assert cli_main([*args, "--no-progress"]) == 0

@@ -12,30 +12,16 @@ import torch
 
 import fastmmt.train.mmt as mmt_mod
 from fastmmt.cli import main as cli_main
-from fastmmt.data import generate_domains, load_dataset
+from fastmmt.data import load_dataset
 import fastmmt.train.mean_teacher as mean_teacher_mod
 from fastmmt.train.mean_teacher import ema_alpha
 from fastmmt.train import adapt, pretrain
-from fastmmt.train.demo import demo_options
-
-
-def tiny_options(out_dir: Path):
-    o = demo_options(out_dir=str(out_dir))
-    o.data.height, o.data.width = 32, 16
-    o.data.batch_size, o.data.num_instances, o.data.test_batch_size = 16, 4, 64
-    o.model.base_width = 8
-    o.pretrain.epochs, o.pretrain.iters, o.pretrain.warmup_epochs, o.pretrain.milestones = 1, 2, 1, (5,)
-    o.adapt.epochs, o.adapt.iters, o.adapt.k = 2, 2, 6
-    o.adapt.rho = 0.1  # a wider eps so DBSCAN finds clusters on barely-trained features
-    o.run.progress = False
-    o.run.eval_every = 1
-    return o
+from synthetic_fixtures import tiny_options
 
 
 @pytest.fixture(scope="module")
-def domains(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn")
-    src, tgt = generate_domains(str(root), seed=3, size="tiny", height=64, width=32)
+def domains(tiny_folders):
+    src, tgt = tiny_folders
     return load_dataset("synthetic", src), load_dataset("synthetic", tgt)
 
 
