@@ -96,13 +96,6 @@ class TrainTransform:
     def __init__(self, height: int, width: int, **changes) -> None:
         self.spec = AugmentSpec(height, width, **changes)
 
-    @classmethod
-    def from_spec(cls, spec: AugmentSpec) -> TrainTransform:
-        """The transform of an existing spec."""
-        t = cls.__new__(cls)
-        t.spec = spec
-        return t
-
     @property
     def height(self) -> int:
         return self.spec.height
