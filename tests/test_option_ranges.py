@@ -12,7 +12,7 @@ import torch
 
 from fastmmt.cli import main as cli_main
 from fastmmt.cli.config import ConfigError, load_options
-from fastmmt.train.options import ExperimentOptions
+from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions, RunOptions
 from reliability_env import one_line, run_cli
 
 
@@ -106,3 +106,14 @@ def test_clustering_hints_point_the_right_way(env):
     o.adapt.method = "kmeans"
     with pytest.raises(ClusterError, match=r"lower data\.batch_size, or raise adapt\.k$"):
         _cluster(two_identities, feats, 0, o.adapt, o.data)
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda: ExperimentOptions(run=RunOptions(amp="fp16")), "run.amp: amp='fp16' is not supported"),
+    (lambda: ExperimentOptions(data=DataOptions(batch_size=30, num_instances=4)), "multiple of data.num_instances"),
+    (lambda: ExperimentOptions(adapt=AdaptOptions(k=0)), "adapt.k must be >= 1, got 0"),
+    (lambda: ExperimentOptions(adapt=AdaptOptions(method="spectral")), "adapt.method = 'spectral' is not allowed"),
+])
+def test_options_made_in_python_are_checked_where_made(make, expected):
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        make()

@@ -15,7 +15,6 @@ from typing import Any
 import yaml
 
 from fastmmt.train.options import ExperimentOptions, check_options, option_choices
-from fastmmt.train.options import FP16_REFUSED
 
 CHOICES = option_choices()  # the library's own lists of allowed values
 
@@ -97,16 +96,10 @@ def build_options(raw: dict) -> ExperimentOptions:
             if key not in fields:
                 raise ConfigError(f"unknown key {section}.{key}; allowed keys of {section}: {sorted(fields)}")
             where = f"{section}.{key}"
-            value = _coerce(value, hints[key], where)
-            allowed = CHOICES.get((section, key))
-            if (section, key) == ("run", "amp") and value == "fp16":
-                raise ConfigError(f"{where}: {FP16_REFUSED}")
-            if allowed is not None and value not in allowed:
-                raise ConfigError(f"{where} = {value!r} is not allowed; choose one of {list(allowed)}")
-            setattr(target, key, value)
+            setattr(target, key, _coerce(value, hints[key], where))
     _apply_scratch(opts)
     try:
-        check_options(opts)  # what depends on several keys, and the numeric ranges
+        check_options(opts)  # the allowed choices, the numeric ranges, what depends on several keys
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return opts

@@ -139,6 +139,9 @@ class ExperimentOptions:
     adapt: AdaptOptions = field(default_factory=AdaptOptions)
     run: RunOptions = field(default_factory=RunOptions)
 
+    def __post_init__(self) -> None:
+        check_options(self)  # a set of options made in Python is checked where it is made, as a config is
+
 
 AMP_CHOICES = (None, "bf16")  # run.amp
 # fp16 needs a GradScaler (small gradients underflow in fp16) and the trainers have none; bf16 has
