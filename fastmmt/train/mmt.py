@@ -23,7 +23,7 @@ from fastmmt.data.factory import build_train_loader
 from fastmmt.data.loaders import TrainBatch
 from fastmmt.evaluation import pseudo_label_quality
 from fastmmt.models.factory import compile_backbones
-from fastmmt.ops import cross_entropy_label_smooth, mmt_loss, softmax_triplet_loss
+from fastmmt.ops import mmt_loss
 from fastmmt.train import distributed as ddp
 from fastmmt.train.batches import check_label_range, data_device_id, to_device, train_augment
 from fastmmt.train.checkpoint import atomic_save
@@ -38,6 +38,7 @@ from fastmmt.train.optim import adam, adam_impl, trunk_parameters
 from fastmmt.train.options import AdaptOptions, DataOptions, ExperimentOptions
 from fastmmt.train.resume_check import defining_options
 from fastmmt.train.run_lock import hold_folder
+from fastmmt.train.supervised import supervised_losses
 from fastmmt.train.runtime import Runtime, autocast, setup_run
 from fastmmt.train.update import StepContext, apply_update
 
@@ -134,20 +135,10 @@ def mmt_step(sc: StepContext, batch: TrainBatch, global_step: int,
 def baseline_step(sc: StepContext, batch: TrainBatch, where: str | Callable[[], str] = "") -> dict[str, torch.Tensor]:
     """One step of the single-model baseline (CE + softmax-triplet on its own clusters); the loss
     terms as device tensors and the finite flag, read on the host as :func:`mmt_step` says."""
-    a, m, r = sc.opts.adapt, sc.opts.model, sc.opts.run
-    device, ctx = sc.rt.device, sc.rt.ctx
-    net, student = sc.nets[0], sc.students[0]
-    sync = r.sync_each_step
-    y = batch.labels.to(device, non_blocking=True)
-    x = to_device(batch.views[0], device, m.channels_last)
-    with autocast(device, r.amp):
-        f, p = net(x)
-        f, p, y = ddp.gather_batch(ctx, f, p, y)
-        ce = cross_entropy_label_smooth(p, y, a.epsilon, backend=r.loss_backend, check_labels=sync)
-        tri = softmax_triplet_loss(f, y, backend=r.loss_backend)
+    _, _, ce, tri = supervised_losses(sc, batch, sc.opts.adapt.epsilon)
     loss = ce + tri
     terms = {"loss": loss.detach(), "loss_ce": ce.detach(), "loss_tri": tri.detach()}
-    ok = apply_update(loss, sc.optimizer, [student], r, ctx, where)
+    ok = apply_update(loss, sc.optimizer, sc.students[:1], sc.opts.run, sc.rt.ctx, where)
     return {**terms, FINITE: torch.tensor(False) if ok is None else ok}
 
 

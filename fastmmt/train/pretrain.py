@@ -14,7 +14,6 @@ from fastmmt.data import ReIDDataset
 from fastmmt.data.factory import build_train_loader
 from fastmmt.data.loaders import TrainBatch
 from fastmmt.models.factory import compile_backbones, make_model
-from fastmmt.ops import cross_entropy_label_smooth, softmax_triplet_loss
 from fastmmt.train import distributed as ddp
 from fastmmt.train.batches import check_label_range, data_device_id, to_device, train_augment
 from fastmmt.train.checkpoint import atomic_save
@@ -30,6 +29,7 @@ from fastmmt.train.resume_check import defining_options
 from fastmmt.train.run_lock import hold_folder
 from fastmmt.train.runtime import Runtime, autocast, setup_run
 from fastmmt.train.schedule import warmup_multistep_factor
+from fastmmt.train.supervised import supervised_losses
 from fastmmt.train.update import StepContext, apply_update
 
 log = logging.getLogger("fastmmt.train")
@@ -48,16 +48,9 @@ def pretrain_step(sc: StepContext, batch: TrainBatch, target_batch: TrainBatch |
     """
     p, m, r = sc.opts.pretrain, sc.opts.model, sc.opts.run
     device, ctx = sc.rt.device, sc.rt.ctx
-    net, model = sc.nets[0], sc.students[0]
-    sync = r.sync_each_step
-    x = to_device(batch.views[0], device, m.channels_last)
-    y = batch.labels.to(device, non_blocking=True)
-    with autocast(device, r.amp):
-        f, logits = net(x)
-        f, logits, y = ddp.gather_batch(ctx, f, logits, y)
-        ce = cross_entropy_label_smooth(logits, y, p.epsilon, backend=r.loss_backend, check_labels=sync)
-        tri = softmax_triplet_loss(f, y, backend=r.loss_backend)
-        loss = ce + tri
+    model = sc.students[0]
+    logits, y, ce, tri = supervised_losses(sc, batch, p.epsilon)
+    loss = ce + tri
     acc = (logits.detach().argmax(1) == y).float().mean()
     terms = {"loss_ce": ce.detach(), "loss_tri": tri.detach(), "acc": acc}
     if target_batch is not None:
