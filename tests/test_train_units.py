@@ -163,7 +163,35 @@ def test_run_logger_start_at_drops_replayed_epochs_and_final(tmp_path):
     lg.start_at(0)  # a fresh run in the same folder
     lg.log({"stage": "kmeans", "epoch": 0, "loss": 2.0})
     assert lg.records() == [{"stage": "kmeans", "epoch": 0, "loss": 2.0}]
+    lg.close()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_run_logger_draws_on_its_own_thread_and_merges_waiting_redraws(tmp_path, monkeypatch):
+    import threading
+
+    from fastmmt.train.logger import RunLogger
+
+    release, calls = threading.Event(), []
+    real_plot = RunLogger.plot
+
+    def plot(self):
+        if self.out_dir != tmp_path:  # a redraw another test's logger left queued
+            return real_plot(self)
+        calls.append((threading.current_thread() is threading.main_thread(), len(self.records())))
+        release.wait(timeout=5)  # the first redraw is held while the run logs on
+        return real_plot(self)
+
+    monkeypatch.setattr(RunLogger, "plot", plot)
+    lg = RunLogger(tmp_path, tensorboard=False)
+    for e in range(5):
+        lg.log({"stage": "kmeans", "epoch": e, "loss": 1.0 / (e + 1)})
+    assert len(lg.records()) == 5  # every record is written on the caller's thread at once
+    release.set()
+    lg.close()  # waits for the last redraw
+    assert calls and not any(main for main, _ in calls), "the plot is drawn off the training thread"
+    assert len(calls) <= 2 and calls[-1][1] == 5  # the held redraw, then one that read every record
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_load_model_file_builds_the_saved_architecture(tmp_path, caplog):

@@ -1,10 +1,17 @@
-"""Per-epoch run log: JSON lines (always), TensorBoard (when installed), a PNG plot of the curves."""
+"""Per-epoch run log: JSON lines (always), TensorBoard (when installed), a PNG plot of the curves.
+
+The record is written (and flushed) on the calling thread; the plot is redrawn on a thread of its
+own (matplotlib's object API, no pyplot state), so drawing it does not hold up the next epoch.
+Requests made while a redraw waits are merged into it (it reads the log when it starts), and
+:meth:`RunLogger.close` waits for the last one.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import math
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,8 @@ class RunLogger:
         self.path = self.out_dir / "log.jsonl"
         self._start: int | None = None
         self._tb = None
+        self._plotter = ThreadPoolExecutor(1, thread_name_prefix="fastmmt-plot")
+        self._queued: Future | None = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -74,19 +83,33 @@ class RunLogger:
                 if isinstance(v, (int, float)) and k != "epoch":
                     self._tb.add_scalar(k, v, record["epoch"])
             self._tb.flush()
-        self.plot()
+        self._request_plot()
+
+    def _request_plot(self) -> None:
+        """Redraw ``curves.png`` on the plot thread, unless a redraw that has not started yet is queued
+        (it will read this record: the line is written before the request)."""
+        q = self._queued
+        if q is not None and not q.running() and not q.done():
+            return
+        self._queued = self._plotter.submit(self._plot_logged)
+
+    def _plot_logged(self) -> None:
+        try:
+            self.plot()
+        except Exception as e:  # a plot must never stop training: the log itself is written
+            log.warning("could not draw %s: %s", self.out_dir / "curves.png", e)
 
     def plot(self) -> Path | None:
         """Target mAP / rank-1 and loss terms per epoch, as ``curves.png``."""
         recs = [r for r in self.records() if "epoch" in r]
         if not recs:
             return None
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        fig = Figure(figsize=(10, 4))
+        FigureCanvasAgg(fig)
+        a1, a2 = fig.subplots(1, 2)
         for key, label in (("mAP", "target mAP"), ("rank1", "target rank-1")):
             pts = [(r["epoch"], 100 * r[key]) for r in recs if isinstance(r.get(key), (int, float))]
             if pts:
@@ -105,9 +128,10 @@ class RunLogger:
         fig.tight_layout()
         out = self.out_dir / "curves.png"
         fig.savefig(out, dpi=80)
-        plt.close(fig)
         return out
 
     def close(self) -> None:
+        """Wait for the last plot; close TensorBoard."""
+        self._plotter.shutdown(wait=True)
         if self._tb is not None:
             self._tb.close()
