@@ -91,16 +91,18 @@ def test_set_labels_excludes_and_validates(records):
         TorchTrainLoader(records, labels, H, W, batch_size=10, num_instances=4)
 
 
-def test_test_loader_order_and_values(records):
-    loader = build_torch_test_loader(records, 32, 16, batch_size=7, workers=0)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_test_loader_order_and_values(records, workers):
+    """Normalised per batch (in the worker when there is one): the per-image transform's values."""
+    loader = build_torch_test_loader(records, 32, 16, batch_size=7, workers=workers)
     got = list(loader)
     assert [len(b[0]) for b in got] == [7, 7, 7, 7, 2]           # last partial batch kept
     imgs, pids, cams, idx = (torch.cat(x) for x in zip(*got))
     assert idx.tolist() == list(range(30))
     assert pids.tolist() == [r.pid for r in records] and cams.tolist() == [r.camid for r in records]
+    assert (imgs.dtype, pids.dtype, cams.dtype, idx.dtype) == (torch.float32,) + (torch.int64,) * 3
     t = TestTransform(32, 16)
-    for i in (0, 13, 29):
-        assert torch.equal(imgs[i], t(load_image(records[i].path)))
+    assert torch.equal(imgs, torch.stack([t(load_image(r.path)) for r in records]))
 
 
 def test_torch_loaders_pin_for_a_cuda_device(records, monkeypatch):

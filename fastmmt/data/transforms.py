@@ -35,7 +35,7 @@ def resize_to_tensor(img: Image.Image, height: int, width: int) -> torch.Tensor:
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
               std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
-    """uint8 3xHxW (CPU) -> float32 ``(x / 255 - mean) / std`` per channel, computed as
+    """uint8 3xHxW or Bx3xHxW (CPU) -> float32 ``(x / 255 - mean) / std`` per channel, computed as
     ``(x - 255*mean) * (1 / (255*std))`` in float32 (:func:`~fastmmt.data.augment.normalize_constants`,
     bit-identical to the DALI pipeline's normalisation).
 
