@@ -101,3 +101,12 @@ def tiny_folders(tmp_path_factory):
     from synthetic_fixtures import tiny_domain_folders
 
     return tiny_domain_folders(tmp_path_factory.mktemp("tiny_domains"))
+
+
+@pytest.fixture
+def restore_torch_globals():
+    """Put back torch's thread count and deterministic mode after a test whose run sets them."""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)

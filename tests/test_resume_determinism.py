@@ -47,11 +47,8 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.fixture(autouse=True)
-def restore_torch_globals():
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+def _restore(restore_torch_globals):
     yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(det)
 
 
 def _options(out: Path):

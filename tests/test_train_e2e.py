@@ -145,14 +145,6 @@ def test_cli_evaluate_and_clear_errors(domains, pretrained, tmp_path, capsys):
     assert "adapt.method" in capsys.readouterr().err
 
 
-@pytest.fixture
-def restore_torch_globals():
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(det)
-
-
 def _switch_runs(target, inits, out, tmp_path, monkeypatch, bn_split):
     """k-means MMT, 2 epochs x 2 iterations, the step's switch off then on; returns the
     pseudo-labels per (run, epoch), the logged records and the last checkpoint's networks."""

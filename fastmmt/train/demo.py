@@ -10,14 +10,20 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from fastmmt.data import generate_domains, load_dataset
+from fastmmt.data import ReIDDataset, generate_domains, load_dataset
+from fastmmt.train.distributed import env_world_size
 from fastmmt.train.mmt import adapt
+from fastmmt.train.model_file import StageResult
 from fastmmt.train.options import ExperimentOptions
 from fastmmt.train.pretrain import pretrain
+from fastmmt.train.runtime import resolve_device
 
 log = logging.getLogger("fastmmt.demo")
 
@@ -63,6 +69,40 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side_threads(opts: ExperimentOptions, n: int) -> int | None:
+    """Threads per process when ``n`` pre-trainings can run side by side: on the CPU, outside
+    torchrun, with at least one core each (None: run them one after another)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n < 2 or cores < n or env_world_size() > 1 or resolve_device(opts.run.device).type != "cpu":
+        return None
+    return opts.run.num_threads or cores // n
+
+
+def _timed_pretrain(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOptions, seed: int,
+                    out_dir: Path) -> tuple[StageResult, float]:
+    t0 = time.perf_counter()
+    return pretrain(source, target, opts, seed=seed, out_dir=out_dir), time.perf_counter() - t0
+
+
+def pretrain_models(source: ReIDDataset, target: ReIDDataset | None, opts: ExperimentOptions,
+                    runs: list[tuple[int, Path]]) -> list[tuple[StageResult, float]]:
+    """Pre-train one source model per ``(seed, out_dir)``; each result with its wall seconds.
+
+    The models are independent: where :func:`side_by_side_threads` finds a core for each, they
+    train at once in processes of their own (each with its share of the cores as
+    ``run.num_threads``), else one after another in this process.
+    """
+    threads = side_by_side_threads(opts, len(runs))
+    if threads is None:
+        return [_timed_pretrain(source, target, opts, s, d) for s, d in runs]
+    o = copy.deepcopy(opts)
+    o.run.num_threads = threads
+    log.info("pre-training %d source models side by side, %d thread(s) each", len(runs), threads)
+    with ProcessPoolExecutor(len(runs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(_timed_pretrain, source, target, o, s, d) for s, d in runs]
+        return [j.result() for j in jobs]
+
+
 def run_demo(opts: ExperimentOptions | None = None, seed: int = 0, methods: tuple[str, ...] = ("kmeans",),
              oracle: bool = True, data_size: str = "demo") -> dict:
     """Run the whole demo; returns and writes ``out_dir/results.json``."""
@@ -77,13 +117,12 @@ def run_demo(opts: ExperimentOptions | None = None, seed: int = 0, methods: tupl
     log.info("target: %s", target.summary())
 
     rows, inits = [], []
-    for s in opts.pretrain.seeds:
-        t0 = time.perf_counter()
-        res = pretrain(source, target, opts, seed=seed * 100 + s, out_dir=out / "pretrain" / f"seed{s}")
-        stage_seconds[f"pretrain_seed{s}"] = time.perf_counter() - t0
+    runs = [(seed * 100 + s, out / "pretrain" / f"seed{s}") for s in opts.pretrain.seeds]
+    for s, (res, seconds) in zip(opts.pretrain.seeds, pretrain_models(source, target, opts, runs)):
+        stage_seconds[f"pretrain_seed{s}"] = seconds
         inits.append(res.model_path)
         if not rows:
-            rows.append(_row("source-only", res.metrics, stage_seconds[f"pretrain_seed{s}"]))
+            rows.append(_row("source-only", res.metrics, seconds))
     for method in (*methods, "oracle") if oracle else methods:
         o = copy.deepcopy(opts)
         o.adapt.method = method
