@@ -1,9 +1,9 @@
 """Per-epoch run log: JSON lines (always), TensorBoard (when installed), a PNG plot of the curves.
 
 The record is written (and flushed) on the calling thread; the plot is redrawn on a thread of its
-own (matplotlib's object API, no pyplot state), so drawing it does not hold up the next epoch.
-Requests made while a redraw waits are merged into it (it reads the log when it starts), and
-:meth:`RunLogger.close` waits for the last one.
+own (matplotlib's object API, no pyplot state), at most once every ``PLOT_INTERVAL`` seconds and
+at :meth:`RunLogger.close` (which waits for it), so drawing it neither holds up the next epoch nor,
+on a busy CPU, takes much of its time (bench/RESULTS.md, "one adaptation epoch by phase").
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 from fastmmt.train.checkpoint import temp_file_beside
 
 log = logging.getLogger(__name__)
+
+PLOT_INTERVAL = 30.0  # seconds between redraws of curves.png during a run
 
 
 class RunLogger:
@@ -31,6 +34,8 @@ class RunLogger:
         self._tb = None
         self._plotter = ThreadPoolExecutor(1, thread_name_prefix="fastmmt-plot")
         self._queued: Future | None = None
+        self._last_plot = -math.inf   # when the last redraw was requested (time.monotonic)
+        self._stale = False           # a record was logged after it
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -83,11 +88,17 @@ class RunLogger:
                 if isinstance(v, (int, float)) and k != "epoch":
                     self._tb.add_scalar(k, v, record["epoch"])
             self._tb.flush()
-        self._request_plot()
+        now = time.monotonic()
+        if now - self._last_plot >= PLOT_INTERVAL:
+            self._last_plot = now
+            self._request_plot()
+        else:
+            self._stale = True
 
     def _request_plot(self) -> None:
         """Redraw ``curves.png`` on the plot thread, unless a redraw that has not started yet is queued
         (it will read this record: the line is written before the request)."""
+        self._stale = False
         q = self._queued
         if q is not None and not q.running() and not q.done():
             return
@@ -131,7 +142,9 @@ class RunLogger:
         return out
 
     def close(self) -> None:
-        """Wait for the last plot; close TensorBoard."""
+        """Draw the last records, wait for the plot; close TensorBoard."""
+        if self._stale:
+            self._request_plot()
         self._plotter.shutdown(wait=True)
         if self._tb is not None:
             self._tb.close()
