@@ -13,6 +13,27 @@ import torch.nn.functional as F
 from torch import autograd
 
 
+def cm_update_ref(features, inputs, targets, momentum):
+    """CM's update: per sample in batch order."""
+    for x, y in zip(inputs, targets):
+        features[y] = momentum * features[y] + (1.0 - momentum) * x
+        features[y] /= features[y].norm()
+
+
+def cm_hard_update_ref(features, inputs, targets, momentum):
+    """CM_Hard's update: per cluster once, with its sample of the lowest similarity (np.argmin)."""
+    batch_centers: dict[int, list[torch.Tensor]] = {}
+    for feature, index in zip(inputs, targets.tolist()):
+        batch_centers.setdefault(index, []).append(feature)
+    for index, feats in batch_centers.items():
+        distances = []
+        for feature in feats:
+            distances.append(feature.unsqueeze(0).mm(features[index].unsqueeze(0).t())[0][0].cpu().numpy())
+        chosen = int(np.argmin(np.array(distances)))
+        features[index] = features[index] * momentum + (1 - momentum) * feats[chosen]
+        features[index] /= features[index].norm()
+
+
 class CMRef(autograd.Function):
     """inputs @ features^T; backward: grad @ features, then the per-sample momentum update."""
 
@@ -27,9 +48,7 @@ class CMRef(autograd.Function):
     def backward(ctx, grad_outputs):
         inputs, targets = ctx.saved_tensors
         grad_inputs = grad_outputs.mm(ctx.features) if ctx.needs_input_grad[0] else None
-        for x, y in zip(inputs, targets):
-            ctx.features[y] = ctx.momentum * ctx.features[y] + (1.0 - ctx.momentum) * x
-            ctx.features[y] /= ctx.features[y].norm()
+        cm_update_ref(ctx.features, inputs, targets, ctx.momentum)
         return grad_inputs, None, None, None
 
 
@@ -47,16 +66,7 @@ class CMHardRef(autograd.Function):
     def backward(ctx, grad_outputs):
         inputs, targets = ctx.saved_tensors
         grad_inputs = grad_outputs.mm(ctx.features) if ctx.needs_input_grad[0] else None
-        batch_centers: dict[int, list[torch.Tensor]] = {}
-        for feature, index in zip(inputs, targets.tolist()):
-            batch_centers.setdefault(index, []).append(feature)
-        for index, feats in batch_centers.items():
-            distances = []
-            for feature in feats:
-                distances.append(float(feature.unsqueeze(0).mm(ctx.features[index].unsqueeze(0).t())[0][0]))
-            chosen = int(np.argmin(np.array(distances)))
-            ctx.features[index] = ctx.features[index] * ctx.momentum + (1 - ctx.momentum) * feats[chosen]
-            ctx.features[index] /= ctx.features[index].norm()
+        cm_hard_update_ref(ctx.features, inputs, targets, ctx.momentum)
         return grad_inputs, None, None, None
 
 
@@ -84,10 +94,10 @@ def hybrid_memory_ref(inputs, indexes, features, labels, temp=0.05, momentum=0.2
     targets = labels[indexes].clone()
     labels = labels.clone()
     num_samples = features.shape[0]
-    sim = torch.zeros(int(labels.max()) + 1, b, dtype=inputs.dtype)
+    sim = torch.zeros(int(labels.max()) + 1, b, dtype=inputs.dtype, device=inputs.device)
     sim.index_add_(0, labels, inputs.t().contiguous())
-    nums = torch.zeros(int(labels.max()) + 1, 1, dtype=inputs.dtype)
-    nums.index_add_(0, labels, torch.ones(num_samples, 1, dtype=inputs.dtype))
+    nums = torch.zeros(int(labels.max()) + 1, 1, dtype=inputs.dtype, device=inputs.device)
+    nums.index_add_(0, labels, torch.ones(num_samples, 1, dtype=inputs.dtype, device=inputs.device))
     mask = (nums > 0).to(inputs.dtype)
     sim = sim / (mask * nums + (1 - mask)).clone().expand_as(sim)
     mask = mask.expand_as(sim)
