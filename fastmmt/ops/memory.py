@@ -173,14 +173,23 @@ def cluster_memory_loss(inputs: torch.Tensor, targets: torch.Tensor, features: t
     return F.cross_entropy(logits / temp, targets)
 
 
+def _label_slots(labels: torch.Tensor, num_rows: int) -> int:
+    """How many label slots HybridMemory sums into (see :func:`hybrid_memory_loss`)."""
+    return num_rows if labels.is_cuda else int(labels.max()) + 1
+
+
 @float32_region
 def hybrid_memory_loss(inputs: torch.Tensor, indexes: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
                        temp: float = 0.05, momentum: float = 0.2, backend: str = "auto") -> torch.Tensor:
     """SpCL's loss: logits ``inputs features^T / temp`` over all memory rows, averaged per label
-    (``labels``: one per row, in [0, num rows)), softmax over the labels that own a row with the
-    original's epsilons (``exp(s) / (sum + 1e-6)``, ``-log(p + 1e-6)``), NLL of ``labels[indexes]``.
-    The backward updates rows ``indexes`` of ``features`` in place, ordered per row. ``backend``
-    picks the update (Triton kernel or torch rounds); the rest is torch."""
+    (``labels``: one per row), softmax over the labels that own a row with the original's epsilons
+    (``exp(s) / (sum + 1e-6)``, ``-log(p + 1e-6)``), NLL of ``labels[indexes]``. The backward
+    updates rows ``indexes`` of ``features`` in place, ordered per row. ``backend`` picks the update
+    (Triton kernel or torch rounds); the rest is torch.
+
+    Label slots: ``labels.max() + 1`` like the original on CPU tensors (a free read there); on CUDA
+    one slot per memory row (no host read), so labels must lie in [0, num rows) there (SpCL's do).
+    Empty slots are masked out, so both give the original's result."""
     _check_inputs(inputs, indexes, features, "indexes")
     n = features.shape[0]
     if labels.dim() != 1 or labels.shape[0] != n or labels.dtype != torch.int64:
@@ -190,14 +199,12 @@ def hybrid_memory_loss(inputs: torch.Tensor, indexes: torch.Tensor, features: to
     x = inputs.to(features.dtype)
     if chosen == "triton":
         x = x.contiguous()
-    logits = _MemoryProduct.apply(x, indexes, features, float(momentum), False, chosen) / temp
-    b = x.shape[0]
-    # one slot per possible label: empty slots are masked out, so the result equals the original's
-    # labels.max() + 1 slots without reading the largest label on the host
-    sim = torch.zeros(n, b, dtype=logits.dtype, device=x.device).index_add(0, labels, logits.t())
-    nums = torch.zeros(n, dtype=logits.dtype, device=x.device).index_add(0, labels, torch.ones_like(labels, dtype=logits.dtype))
+    logits = _MemoryProduct.apply(x, indexes, features, float(momentum), False, chosen)
+    slots = _label_slots(labels, n)
+    sums = torch.zeros(slots, x.shape[0], dtype=logits.dtype, device=x.device).index_add(0, labels, logits.t())
+    nums = torch.zeros(slots, dtype=logits.dtype, device=x.device).index_add(0, labels, torch.ones_like(labels, dtype=logits.dtype))
     mask = nums > 0
-    sim = (sim / torch.where(mask, nums, 1.0)[:, None]).t()
-    exps = torch.exp(sim) * mask
-    probs = exps / (exps.sum(1, keepdim=True) + 1e-6)
-    return F.nll_loss(torch.log(probs + 1e-6), labels[indexes])
+    exps = torch.where(mask, torch.exp(sums.t() * torch.where(mask, 1.0 / (nums * temp), 0.0)), 0.0)
+    target = exps.gather(1, labels[indexes][:, None]).squeeze(1)
+    probs = target / (exps.sum(1) + 1e-6)  # the NLL reads only the targets' probabilities
+    return -torch.log(probs + 1e-6).mean()
