@@ -19,7 +19,8 @@ from fastmmt.ops import cluster_memory_loss
 from fastmmt.ops.memory import ordered_update_torch_
 
 B, D, K, PER_CLUSTER = 256, 2048, 800, 16
-BACKENDS = ["torch"] + (["triton"] if DEVICE.type == "cuda" else [])
+NAMES = ["torch"] + (["triton"] if DEVICE.type == "cuda" else [])
+BACKENDS = [pytest.param(b, id="triton_cuda" if b == "triton" else b) for b in NAMES]  # -k cuda: GPU rows
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +54,7 @@ def test_variants_agree():
         mem2 = mem.clone()
         a = memory_reference.cluster_memory_ref(x, targets, mem, use_hard=hard)
         a.backward()
-        for backend in BACKENDS:
+        for backend in NAMES:
             m = mem2.clone()
             b = cluster_memory_loss(x, targets, m, use_hard=hard, backend=backend)
             b.backward()

@@ -17,7 +17,8 @@ from _memory_common import DEVICE, memory_reference, record
 from fastmmt.ops import hybrid_memory_loss
 
 B_SRC, B_TGT, D, N_SRC, N_TGT = 64, 64, 2048, 700, 12_936
-BACKENDS = ["torch"] + (["triton"] if DEVICE.type == "cuda" else [])
+NAMES = ["torch"] + (["triton"] if DEVICE.type == "cuda" else [])
+BACKENDS = [pytest.param(b, id="triton_cuda" if b == "triton" else b) for b in NAMES]  # -k cuda: GPU rows
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +56,7 @@ def test_variants_agree():
     mem2 = mem.clone()
     a = memory_reference.hybrid_memory_ref(x, indexes, mem, labels)
     a.backward()
-    for backend in BACKENDS:
+    for backend in NAMES:
         m = mem2.clone()
         b = hybrid_memory_loss(x, indexes, m, labels, backend=backend)
         b.backward()
