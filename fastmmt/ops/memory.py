@@ -61,9 +61,9 @@ def ordered_update_torch_(memory: torch.Tensor, x: torch.Tensor, indexes: torch.
     for count in counts:
         sel = order[by_round[s:s + count]]
         s += count
-        rows = indexes[sel]  # distinct within a round
-        new = momentum * memory[rows] + (1.0 - momentum) * x[sel]
-        memory[rows] = new / new.norm(dim=1, keepdim=True)
+        rows = indexes.index_select(0, sel)  # distinct within a round
+        new = memory.index_select(0, rows).mul_(momentum).add_(x.index_select(0, sel), alpha=1.0 - momentum)
+        memory.index_copy_(0, rows, new.div_(new.norm(dim=1, keepdim=True)))
 
 
 def _update(memory: torch.Tensor, x: torch.Tensor, indexes: torch.Tensor, momentum: float, hard: bool,
