@@ -76,6 +76,29 @@ def test_noncontiguous_and_half_inputs(backend, gen, device):
     _steps(CASES["repeated clusters"], gen, device, backend, True, dtype=torch.bfloat16, n_steps=2)
 
 
+@pytest.mark.parametrize("use_hard", [False, True], ids=["ordered", "hard"])
+def test_several_row_and_feature_blocks(use_hard, gen, device):
+    """B 21 and D 100 span two row blocks and two feature blocks of the interpreter's tiles (the
+    cases above fit one): the backward's (row, D) grid and the update's full-row registers."""
+    b, d, k = 21, 100, 37
+    mem = F.normalize(torch.randn(k, d, generator=gen), dim=1).to(device)
+    mem64 = mem.double().cpu()
+    targets = torch.randint(0, 6, (b,), generator=gen) * 5
+    for _ in range(2):
+        x = torch.randn(b, d, generator=gen)
+        x64 = x.double().requires_grad_()
+        xg = x.double().requires_grad_()
+        (gref,) = torch.autograd.grad(F.cross_entropy(F.normalize(xg, dim=1) @ mem64.t() / 0.05, targets), xg)
+        ref = cluster_memory_ref(x64, targets, mem64, use_hard=use_hard)
+        ref.backward()
+        xd = x.to(device).requires_grad_()
+        loss = cluster_memory_loss(xd, targets.to(device), mem, use_hard=use_hard, backend="triton")
+        loss.backward()
+        assert torch.allclose(loss.double().cpu(), ref.detach(), rtol=LOSS_TOL)
+        assert (xd.grad.double().cpu() - gref).abs().max() / gref.abs().max() < GRAD_TOL
+        assert (mem.double().cpu() - mem64).abs().max() < MEM_TOL
+
+
 def test_update_order_matters(gen):
     """The ordered update differs from applying the same samples in another order: a check that
     the comparison above can see a wrong order."""
