@@ -14,7 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastmmt.kernels import distance, logits, triplet
+from fastmmt.kernels import distance, logits, memory, triplet
 
 _PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 
@@ -52,6 +52,18 @@ def _specs(dtype: str) -> list[tuple[str, object, dict[str, str], dict[str, obje
     out.append(("triplet_bwd", triplet._triplet_bwd, dict(
         x_ptr=x, ap_ptr="*i32", an_ptr="*i32", aux_ptr=f32, g_ptr=f32, out_ptr=x, N=i32, D=i32,
         stride_x=i32, stride_o=i32), tri_blocks))
+    mm, mn, md = memory.CUDA_BLOCKS
+    mem_blocks = {"BLOCK_M": mm, "BLOCK_N": mn, "BLOCK_D": md}
+    out.append(("cluster_memory_fwd", memory._cm_fwd, dict(
+        x_ptr=x, m_ptr=f32, t_ptr=i64, z_ptr=f32, row_ptr=f32, B=i32, K=i32, D=i32, stride_x=i32, stride_m=i32,
+        stride_z=i32, inv_temp="fp32"), mem_blocks))
+    out.append(("cluster_memory_bwd", memory._cm_bwd, dict(
+        x_ptr=x, m_ptr=f32, t_ptr=i64, z_ptr=f32, row_ptr=f32, g_ptr=f32, out_ptr=x, B=i32, K=i32, D=i32,
+        stride_x=i32, stride_m=i32, stride_z=i32, stride_o=i32, inv_temp="fp32"), mem_blocks))
+    for hard in (False, True):  # the largest batch and feature width the issue names (B 256, D 2048)
+        out.append((f"ordered_update[hard={hard}]", memory._ordered_update, dict(
+            x_ptr=x, scale_ptr=f32, m_ptr=f32, t_ptr=i64, B=i32, K=i32, D=i32, stride_x=i32, stride_m=i32,
+            momentum="fp32"), {"HARD": hard, "BLOCK_B": 256, "BLOCK_D": 2048}))
     return out
 
 

@@ -2,7 +2,8 @@
 from fastmmt.tools.kernel_sweep import sweep
 
 OPS = ["pairwise_euclidean[self]", "pairwise_euclidean[cross]", "softmax_triplet_loss", "triplet_pair_losses",
-       "cross_entropy_label_smooth", "soft_entropy", "logits_pair_losses"]
+       "cross_entropy_label_smooth", "soft_entropy", "logits_pair_losses", "cluster_memory_loss",
+       "cluster_memory_loss[hard]", "hybrid_memory_loss"]
 
 
 def test_sweep_covers_every_op_and_dtype(device):

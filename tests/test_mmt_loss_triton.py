@@ -113,7 +113,7 @@ def _launched_variants(monkeypatch, gen, device: torch.device) -> set[tuple]:
     backward (CE, soft entropy, both at once, hard/soft triplet, self and cross distances, and the
     compat modules' margin triplets)."""
     from fastmmt import ops
-    from fastmmt.kernels import distance, logits, triplet
+    from fastmmt.kernels import distance, logits, memory, triplet
     from fastmmt.ops import triton_ops
 
     seen: set[tuple] = set()
@@ -128,8 +128,8 @@ def _launched_variants(monkeypatch, gen, device: torch.device) -> set[tuple]:
                 return self.kernel[grid](*args, **constexprs)
             return launch
 
-    for mod in (distance, logits, triplet):
-        for name in [n for n in vars(mod) if n.endswith(("_fwd", "_bwd"))]:
+    for mod in (distance, logits, triplet, memory):
+        for name in [n for n in vars(mod) if n.endswith(("_fwd", "_bwd", "_update"))]:
             monkeypatch.setattr(mod, name, Recorder(name, getattr(mod, name)))
     x, y, s, t = (torch.randn(8, 6, generator=gen).to(device).requires_grad_() for _ in range(4))
     lab = torch.arange(8, device=device) % 3
@@ -141,7 +141,9 @@ def _launched_variants(monkeypatch, gen, device: torch.device) -> set[tuple]:
                  ops.pairwise_euclidean(x, backend="triton").sum(),
                  ops.pairwise_euclidean(x, y, backend="triton").sum(),
                  triton_ops.margin_triplet_loss(x, lab, 0.3)[0],  # the compat modules' variants
-                 triton_ops.margin_softmax_triplet_loss(x, lab, 0.3)[0]):
+                 triton_ops.margin_softmax_triplet_loss(x, lab, 0.3)[0],
+                 ops.cluster_memory_loss(x, lab, torch.randn(3, 6, device=device), backend="triton"),
+                 ops.cluster_memory_loss(x, lab, torch.randn(3, 6, device=device), use_hard=True, backend="triton")):
         loss.backward()
     return seen
 

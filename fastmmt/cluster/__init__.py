@@ -7,9 +7,10 @@ from fastmmt.cluster.clusterers import DBSCANClusterer, KMeansClusterer, KnownLa
 from fastmmt.cluster.dbscan import dbscan, dbscan_eps_from_rho
 from fastmmt.cluster.jaccard import SparseJaccard, k_reciprocal_jaccard
 from fastmmt.cluster.kmeans import kmeans
+from fastmmt.cluster.rerank_compat import compute_jaccard_distance
 from fastmmt.cluster.result import ClusterError, ClusterResult
 
 __all__ = [
     "ClusterError", "ClusterResult", "DBSCANClusterer", "KMeansClusterer", "KnownLabels", "SparseJaccard",
-    "build_clusterer", "dbscan", "dbscan_eps_from_rho", "k_reciprocal_jaccard", "kmeans",
+    "build_clusterer", "compute_jaccard_distance", "dbscan", "dbscan_eps_from_rho", "k_reciprocal_jaccard", "kmeans",
 ]

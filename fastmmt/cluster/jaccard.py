@@ -63,17 +63,22 @@ class SparseJaccard:
         return out
 
 
-def jaccard_rows(v: CSR, num_rows: int, *, block_elems: int = 400_000,
-                 progress: bool = False) -> SparseJaccard:
+def jaccard_rows(v: CSR, num_rows: int, *, block_elems: int = 400_000, unit_rows: bool = False,
+                 zero_tol: float = ZERO_TOL, progress: bool = False) -> SparseJaccard:
     """Jaccard distances from each of the first ``num_rows`` points to every point, over ``v``.
 
     The distance is symmetric: a pair of two such points is evaluated once, in the row of the
     lower id, and mirrored (so the result is exactly symmetric there). Rows go in blocks whose
     dense accumulator (rows x N float64) holds about ``block_elems`` entries: small enough to
-    stay in cache (bench/RESULTS.md has the block sizes tried)."""
+    stay in cache (bench/RESULTS.md has the block sizes tried). ``unit_rows``: take every row sum
+    of ``v`` as exactly 1, so the union is ``2 - sum(min)`` (the re-ranking code of SpCL and Cluster
+    Contrast); distances below ``zero_tol`` become 0."""
     n = v.shape[1]
     vt, in_vt = v.transpose_with_positions()
-    rowsum = np.bincount(np.repeat(np.arange(n), np.diff(v.indptr)), weights=v.data, minlength=n)
+    if unit_rows:
+        rowsum = np.ones(n)
+    else:
+        rowsum = np.bincount(np.repeat(np.arange(n), np.diff(v.indptr)), weights=v.data, minlength=n)
     block = max(1, block_elems // max(n, 1))
     rows_u, cols_u, dist_u = [], [], []
     for s in tqdm(range(0, num_rows, block), desc="Jaccard", disable=not progress, leave=False):
@@ -93,7 +98,7 @@ def jaccard_rows(v: CSR, num_rows: int, *, block_elems: int = 400_000,
         rr += s
         cc += s
         dist = 1.0 - s_val / (rowsum[rr] + rowsum[cc] - s_val)
-        dist[dist < ZERO_TOL] = 0.0
+        dist[dist < zero_tol] = 0.0
         rows_u.append(rr)
         cols_u.append(cc)
         dist_u.append(dist.astype(np.float32))

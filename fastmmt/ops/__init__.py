@@ -19,10 +19,12 @@ from fastmmt.ops.losses import (
 from fastmmt.ops.compat import CrossEntropyLabelSmooth, SoftEntropy, SoftTripletLoss, TripletLoss
 from fastmmt.ops.mmt_loss import MMTLossOutput, mmt_loss
 from fastmmt.ops.modules import MMTLoss
+from fastmmt.ops.memory import cluster_memory_loss, hybrid_memory_loss
+from fastmmt.ops.memory_modules import ClusterMemory, HybridMemory
 
 __all__ = [
-    "CrossEntropyLabelSmooth", "MMTLoss", "MMTLossOutput", "SoftEntropy", "SoftTripletLoss", "TripletLoss",
-    "cross_entropy_label_smooth", "ema_update_",
+    "ClusterMemory", "CrossEntropyLabelSmooth", "HybridMemory", "MMTLoss", "MMTLossOutput", "SoftEntropy", "SoftTripletLoss", "TripletLoss",
+    "cluster_memory_loss", "cross_entropy_label_smooth", "ema_update_", "hybrid_memory_loss",
     "ema_update_module_",
     "logits_pair_losses", "mmt_loss", "pairwise_euclidean", "resolve_backend", "soft_entropy",
     "soft_softmax_triplet_loss", "softmax_triplet_loss", "triplet_pair_losses",

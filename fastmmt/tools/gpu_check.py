@@ -13,7 +13,7 @@ tail, none stopping the others:
    out-of-bounds tile is outside any allocation;
 5. :mod:`fastmmt.tools.gpu_profile`: a synthetic MMT run at the paper's shape, once per
    non-finite policy, with host syncs counted inside the training step only;
-6. the loss, EMA and pipeline benchmarks against their references (pytest-benchmark JSON;
+6. the loss, EMA, pipeline and memory-bank benchmarks against their references (pytest-benchmark JSON;
    ``--quick``: the GPU rows only).
 
 The report's "Parts" table says of each GPU part: PASS, FAIL or NOT INSTALLED HERE. The exit code
@@ -39,7 +39,8 @@ from pathlib import Path
 from fastmmt.machine import listed_nvidia_gpus, nvidia_driver_version
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCHES = ("bench/bench_mmt_loss.py", "bench/bench_ema.py", "bench/bench_pipelines.py")
+BENCHES = ("bench/bench_mmt_loss.py", "bench/bench_ema.py", "bench/bench_pipelines.py",
+           "bench/bench_cluster_memory.py", "bench/bench_hybrid_memory.py")
 # --quick: the GPU rows only (the CPU references they compare against run inside each row)
 QUICK_BENCH_FILTER = "cuda or gpu"
 # Seconds each step may take: --quick must fit a short lease (all of it under 8 minutes on one H100).

@@ -1,7 +1,7 @@
 """Call every Triton kernel forward and backward once at odd shapes (for compute-sanitizer).
 
 ``python -m fastmmt.tools.kernel_sweep`` runs the fused ops with ``backend="triton"`` at N 65,
-D 129, K 1025 (none a multiple of a tile) in float32, bfloat16 and float16 on CUDA (on the CPU
+D 129, K 1025 (none a multiple of a tile; K also the memory banks' rows) in float32, bfloat16 and float16 on CUDA (on the CPU
 under ``TRITON_INTERPRET=1``), checks every output and gradient is finite and prints one line
 per op. ``scripts/gpu_check.sh`` runs it under ``compute-sanitizer --tool memcheck``: an
 out-of-bounds tile load or store shows up there, not in the values.
@@ -21,10 +21,15 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().clone().requires_grad_()
 
 
+def _bank(k: int, d: int, device: str, gen: torch.Generator) -> torch.Tensor:
+    """A memory bank of ``k`` L2-normalised float32 rows."""
+    return torch.nn.functional.normalize(torch.randn(k, d, generator=gen), dim=1).to(device)
+
+
 def sweep(n: int = 65, d: int = 129, k: int = 1025, device: str = "cuda",
           dtypes: tuple[torch.dtype, ...] = DTYPES, seed: int = 0) -> list[str]:
     """Run every op forward + backward; return the names of the calls made (all checked finite)."""
-    from fastmmt.ops import losses
+    from fastmmt.ops import losses, memory
 
     gen = torch.Generator().manual_seed(seed)
     done = []
@@ -47,6 +52,13 @@ def sweep(n: int = 65, d: int = 129, k: int = 1025, device: str = "cuda",
             "soft_entropy": (lambda p: losses.soft_entropy(p, t_logits, backend="triton"), (logits,)),
             "logits_pair_losses": (lambda p: losses.logits_pair_losses(p, t_logits, classes, 0.1, "triton"),
                                    (logits,)),
+            # memory banks: K rows of d features (float32, updated in place by the backward)
+            "cluster_memory_loss": (lambda x: memory.cluster_memory_loss(x, classes, _bank(k, d, device, gen),
+                                                                         backend="triton"), (feats,)),
+            "cluster_memory_loss[hard]": (lambda x: memory.cluster_memory_loss(
+                x, classes, _bank(k, d, device, gen), use_hard=True, backend="triton"), (feats,)),
+            "hybrid_memory_loss": (lambda x: memory.hybrid_memory_loss(
+                x, classes, _bank(k, d, device, gen), torch.arange(k, device=device) // 3, backend="triton"), (feats,)),
         }
         for name, (fn, inputs) in calls.items():
             leaves = [_leaf(x) for x in inputs]

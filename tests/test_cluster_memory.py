@@ -1,0 +1,219 @@
+"""ClusterMemory (Cluster Contrast) on both backends against the float64 transcription of the
+original (tests/memory_reference.py): loss, input gradient and the memory after several ordered
+updates. The Triton backend runs on ``device`` (compiled on CUDA, interpreted on CPU). The gradient
+reference is plain autograd of ``cross_entropy(normalize(x) M^T / temp)`` in float64 with M as it
+was before the step. Inputs are fresh random each run (the seed is printed; FASTMMT_TEST_SEED pins it).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmmt.ops import ClusterMemory, cluster_memory_loss
+from memory_reference import cluster_memory_ref
+
+# float32 kernels against float64: loss relative, gradient relative to the largest entry, memory absolute
+LOSS_TOL, GRAD_TOL, MEM_TOL = 2e-5, 1e-4, 2e-5
+D, K = 40, 37  # D is not a multiple of the D block; K spans two memory blocks under the interpreter
+
+CASES = {
+    "repeated clusters": [3, 3, 7, 1, 3, 7, 0, 9, 3, 1],
+    "each cluster once": [5, 2, 8, 11, 0, 30],
+    "all one cluster": [4] * 9,
+    "empty rows hit": [36, 35, 36, 2, 35],  # rows 35, 36 start as zero vectors
+}
+
+
+def _memory(gen: torch.Generator) -> torch.Tensor:
+    mem = F.normalize(torch.randn(K, D, generator=gen, dtype=torch.float64), dim=1)
+    mem[K - 4:] = 0.0  # never-filled rows (empty clusters): logits 0, and an update from zero
+    return mem
+
+
+def _steps(targets_list, gen, device, backend, use_hard, dtype=torch.float32, n_steps=3, noncontig=False):
+    """``n_steps`` training steps of ours and of the reference on the same inputs; compares each."""
+    targets = torch.tensor(targets_list)
+    mem64 = _memory(gen)
+    mem = mem64.to(torch.float32).to(device)
+    mem64 = mem.double().cpu()  # the reference starts from the same float32 values
+    temp, momentum = 0.05, 0.2
+    for _ in range(n_steps):
+        big = torch.randn(len(targets), 2 * D, generator=gen).to(dtype)
+        x = big[:, ::2] if noncontig else big[:, :D].contiguous()
+        x64 = x.double().requires_grad_()
+        ref = cluster_memory_ref(x64, targets, mem64, temp, momentum, use_hard)
+        # independent gradient: plain autograd at the memory before the update
+        xg = x.double().requires_grad_()
+        ref_before = F.cross_entropy(F.normalize(xg, dim=1) @ mem64.t() / temp, targets)
+        (gref,) = torch.autograd.grad(ref_before, xg)
+        ref.backward()
+        xd = x.to(device).detach().requires_grad_()
+        if noncontig:
+            xd = big.to(device)[:, ::2].detach().requires_grad_()
+        loss = cluster_memory_loss(xd, targets.to(device), mem, temp, momentum, use_hard, backend=backend)
+        loss.backward()
+        assert loss.dtype == torch.float32 and xd.grad.dtype == dtype
+        assert torch.allclose(loss.double().cpu(), ref.detach(), rtol=LOSS_TOL, atol=0)
+        grad_tol = GRAD_TOL if dtype == torch.float32 else 1e-2
+        err = (xd.grad.double().cpu() - gref).abs().max() / gref.abs().max()
+        assert err < grad_tol, f"gradient error {err:.2e}"
+        assert torch.allclose(x64.grad, gref, rtol=1e-10, atol=1e-12)  # the transcription's own gradient
+        assert (mem.double().cpu() - mem64).abs().max() < MEM_TOL
+    return mem, mem64
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("use_hard", [False, True], ids=["ordered", "hard"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_steps_match_transcription(case, use_hard, backend, gen, device):
+    _steps(CASES[case], gen, device, backend, use_hard)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_noncontiguous_and_half_inputs(backend, gen, device):
+    _steps(CASES["repeated clusters"], gen, device, backend, False, noncontig=True, n_steps=2)
+    _steps(CASES["repeated clusters"], gen, device, backend, True, dtype=torch.bfloat16, n_steps=2)
+
+
+@pytest.mark.parametrize("use_hard", [False, True], ids=["ordered", "hard"])
+def test_several_row_and_feature_blocks(use_hard, gen, device):
+    """B 21 and D 100 span two row blocks and two feature blocks of the interpreter's tiles (the
+    cases above fit one): the backward's (row, D) grid and the update's full-row registers."""
+    b, d, k = 21, 100, 37
+    mem = F.normalize(torch.randn(k, d, generator=gen), dim=1).to(device)
+    mem64 = mem.double().cpu()
+    targets = torch.randint(0, 6, (b,), generator=gen) * 5
+    for _ in range(2):
+        x = torch.randn(b, d, generator=gen)
+        x64 = x.double().requires_grad_()
+        xg = x.double().requires_grad_()
+        (gref,) = torch.autograd.grad(F.cross_entropy(F.normalize(xg, dim=1) @ mem64.t() / 0.05, targets), xg)
+        ref = cluster_memory_ref(x64, targets, mem64, use_hard=use_hard)
+        ref.backward()
+        xd = x.to(device).requires_grad_()
+        loss = cluster_memory_loss(xd, targets.to(device), mem, use_hard=use_hard, backend="triton")
+        loss.backward()
+        assert torch.allclose(loss.double().cpu(), ref.detach(), rtol=LOSS_TOL)
+        assert (xd.grad.double().cpu() - gref).abs().max() / gref.abs().max() < GRAD_TOL
+        assert (mem.double().cpu() - mem64).abs().max() < MEM_TOL
+
+
+def test_update_order_matters(gen):
+    """The ordered update differs from applying the same samples in another order: a check that
+    the comparison above can see a wrong order."""
+    mem = F.normalize(torch.randn(3, D, generator=gen, dtype=torch.float64), dim=1)
+    x = F.normalize(torch.randn(4, D, generator=gen, dtype=torch.float64), dim=1)
+    a, b = mem.clone(), mem.clone()
+    from fastmmt.ops.memory import ordered_update_torch_
+    ordered_update_torch_(a, x, torch.tensor([1, 1, 1, 1]), 0.2)
+    ordered_update_torch_(b, x.flip(0), torch.tensor([1, 1, 1, 1]), 0.2)
+    assert (a[1] - b[1]).abs().max() > 1e-3
+    assert torch.equal(a[0], mem[0]) and torch.equal(a[2], mem[2])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_autocast_computes_in_float32(amp, backend, gen, device):
+    """Under autocast the loss, gradient and update equal the float32 results (e^(1/temp) = e^20
+    overflows fp16, and a bf16 x M^T would be off by ~1e-2)."""
+    targets = torch.tensor(CASES["repeated clusters"], device=device)
+    mem0 = F.normalize(torch.randn(K, D, generator=gen), dim=1).to(device)
+    x = torch.randn(len(targets), D, generator=gen).to(device)
+    out = []
+    for enabled in (False, True):
+        mem = mem0.clone()
+        xd = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=amp, enabled=enabled):
+            loss = cluster_memory_loss(xd, targets, mem, backend=backend)
+        loss.backward()
+        out.append((loss.detach(), xd.grad, mem))
+    (l0, g0, m0), (l1, g1, m1) = out
+    assert l1.dtype == torch.float32
+    assert torch.allclose(l0, l1, rtol=1e-6) and torch.allclose(g0, g1, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(m0, m1, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_module_matches_transcription(backend, gen, device):
+    """The nn.Module: the original's constructor, buffer and call; two steps like a training loop."""
+    model = ClusterMemory(D, K, temp=0.05, momentum=0.2, use_hard=False, backend=backend).to(device)
+    model.features = _memory(gen).to(torch.float32).to(device)
+    mem64 = model.features.double().cpu()
+    targets = torch.tensor(CASES["repeated clusters"])
+    for _ in range(2):
+        x = torch.randn(len(targets), D, generator=gen)
+        x64 = x.double().requires_grad_()
+        ref = cluster_memory_ref(x64, targets, mem64)
+        ref.backward()
+        xd = x.to(device).requires_grad_()
+        loss = model(xd, targets.to(device))
+        loss.backward()
+        assert torch.allclose(loss.double().cpu(), ref.detach(), rtol=LOSS_TOL)
+        assert (model.features.double().cpu() - mem64).abs().max() < MEM_TOL
+
+
+def test_forward_without_backward_leaves_memory(gen, device):
+    """As in the original, the update runs in the backward: evaluation does not move the memory."""
+    mem = F.normalize(torch.randn(K, D, generator=gen), dim=1).to(device)
+    before = mem.clone()
+    with torch.no_grad():
+        cluster_memory_loss(torch.randn(4, D, generator=gen).to(device), torch.tensor([0, 1, 1, 2], device=device), mem)
+    assert torch.equal(mem, before)
+
+
+def test_triton_out_of_range_target_is_nan_and_updates_nothing(gen, device):
+    mem = F.normalize(torch.randn(K, D, generator=gen), dim=1).to(device)
+    before = mem.clone()
+    x = torch.randn(3, D, generator=gen).to(device).requires_grad_()
+    loss = cluster_memory_loss(x, torch.tensor([0, K, 0], device=device), mem, backend="triton")
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.equal(mem[1:], before[1:]) and not torch.equal(mem[0], before[0])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda x, t, m: (x[0], t, m), "2-D tensor"),
+    (lambda x, t, m: (x[:, :5], t, m), "features but the memory"),
+    (lambda x, t, m: (x, t[:2], m), "one per input row"),
+    (lambda x, t, m: (x, t.int(), m), "int64"),
+    (lambda x, t, m: (x, t, m.half()), "float32 or float64"),
+])
+def test_bad_input_errors(bad, match, gen):
+    x, t, m = torch.randn(3, D, generator=gen), torch.tensor([0, 1, 1]), torch.zeros(K, D)
+    with pytest.raises((ValueError, TypeError), match=match):
+        cluster_memory_loss(*bad(x, t, m), backend="torch")
+
+
+@pytest.mark.gpu
+def test_cuda_triton_reads_nothing_on_the_host(gen, device):
+    """Forward, backward and update of the Triton backend never synchronise with the host."""
+    mem = F.normalize(torch.randn(800, 256, generator=gen), dim=1).to(device)
+    x = torch.randn(64, 256, generator=gen).to(device).requires_grad_()
+    t = torch.randint(0, 800, (64,), generator=gen).to(device)
+    for hard in (False, True):
+        cluster_memory_loss(x, t, mem, use_hard=hard).backward()  # compile outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cluster_memory_loss(x, t, mem, use_hard=hard).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_memory_kernels_compile_for_sm90():
+    """The GPU path (no GPU here) is at least built: kernels/aot.py's real Triton compiler turns the
+    three memory kernels into sm_90 cubins, in a process without the interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    names = ("cluster_memory_fwd", "cluster_memory_bwd", "ordered_update[hard=False]", "ordered_update[hard=True]")
+    code = ("import json; from fastmmt.kernels.aot import compile_all; "
+            f"print(json.dumps(compile_all(90, ('float32',), {names!r})))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sizes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(sizes) == sorted(f"{n}[float32]" for n in names) and all(v > 0 for v in sizes.values())
