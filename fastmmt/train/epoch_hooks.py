@@ -24,7 +24,9 @@ log = logging.getLogger("fastmmt.train")
 def evaluate_epoch(stage: Stage, epoch: int, st: RunState, record: dict, out_dir: Path, rt: Runtime,
                    select_best: bool, best_of: tuple[str, ...] | None) -> None:
     """Evaluate every network of the stage; the first's metrics are the record's, the others'
-    mAP is logged as ``NAME_mAP``; the best epoch over ``best_of`` is kept as ``best.pt``."""
+    mAP is logged as ``NAME_mAP`` and, with several, the largest as ``max_mAP`` (the official MMT
+    script's per-epoch figure is the better of its two teachers); the best epoch over ``best_of``
+    is kept as ``best.pt``."""
     nets = stage.eval_models()
     results = {name: stage.evaluate(net) for name, net in nets.items()}
     names = list(results)
@@ -32,6 +34,8 @@ def evaluate_epoch(stage: Stage, epoch: int, st: RunState, record: dict, out_dir
     for name in names[1:]:
         record[f"{name}_mAP"] = results[name]["mAP"]
         record["eval_seconds"] += results[name]["eval_seconds"]
+    if len(names) > 1:
+        record["max_mAP"] = max(results[n]["mAP"] for n in names)
     if not select_best:
         return
     pool = best_of or names[:1]
