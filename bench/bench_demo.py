@@ -11,6 +11,8 @@ change only the time, except ``model.channels_last``, whose convolutions sum in 
 
 Run (quiet machine, about 15 minutes at one thread):
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest bench/bench_demo.py -q -s
+The two source models one after another (every core) vs side by side (``test_pretrain_pair``):
+    OMP_NUM_THREADS=2 .venv/bin/python -m pytest bench/bench_demo.py -q -s -k "pretrain_pair or report"
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import pytest
 import torch
 from bench_epoch import OFF, ON
 
+import fastmmt.train.demo as demo
 from fastmmt.data import generate_domains, load_dataset
 from fastmmt.train.demo import demo_options
 from fastmmt.train.mmt import adapt
@@ -68,6 +71,29 @@ def test_pretrain(benchmark, domains, variant):
         return {"seconds": time.perf_counter() - t0, "mAP": res.metrics["mAP"]}
 
     RESULTS.setdefault("pretrain (one source model)", {})[variant] = out = benchmark.pedantic(run, rounds=1)
+    benchmark.extra_info.update(out)
+    assert out["seconds"] > 0 and 0.0 <= out["mAP"] <= 1.0
+
+
+@pytest.mark.parametrize("variant", ["off", "on"])
+def test_pretrain_pair(benchmark, domains, variant, monkeypatch):
+    """The demo's two source models: one after another with every core (off) vs side by side in
+    processes of their own, each with its share of the cores (on, what the demo does)."""
+    source, target, root = domains
+    o = options(ON, root / f"pair_{variant}")
+    runs = [(SEED * 100 + s, root / f"pair_{variant}" / f"seed{s}") for s in o.pretrain.seeds]
+    if variant == "off":
+        monkeypatch.setattr(demo, "side_by_side_threads", lambda opts, n: None)
+    elif demo.side_by_side_threads(o, len(runs)) is None:
+        pytest.skip("fewer cores than source models: the demo trains them one after another")
+
+    def run():
+        t0 = time.perf_counter()
+        results = demo.pretrain_models(source, target, o, runs)
+        return {"seconds": time.perf_counter() - t0,
+                "mAP": sum(r.metrics["mAP"] for r, _ in results) / len(results)}
+
+    RESULTS.setdefault("pre-training both source models", {})[variant] = out = benchmark.pedantic(run, rounds=1)
     benchmark.extra_info.update(out)
     assert out["seconds"] > 0 and 0.0 <= out["mAP"] <= 1.0
 
