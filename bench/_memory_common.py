@@ -7,12 +7,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import memory_reference  # noqa: E402  (the one copy of the transcriptions)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NAMES = ["torch"] + (["triton"] if DEVICE.type == "cuda" else [])  # the backends timed here
+BACKENDS = [pytest.param(b, id="triton_cuda" if b == "triton" else b) for b in NAMES]  # -k cuda: GPU rows
 
 
 def sync() -> None:

@@ -14,21 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _memory_common import DEVICE, memory_reference, record
+from _memory_common import BACKENDS, DEVICE, NAMES, memory_reference, record
 from fastmmt.ops import cluster_memory_loss
 from fastmmt.ops.memory import ordered_update_torch_
 
 B, D, K, PER_CLUSTER = 256, 2048, 800, 16
-NAMES = ["torch"] + (["triton"] if DEVICE.type == "cuda" else [])
-BACKENDS = [pytest.param(b, id="triton_cuda" if b == "triton" else b) for b in NAMES]  # -k cuda: GPU rows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see bench/conftest.py
 
 
 def _inputs():

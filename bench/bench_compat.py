@@ -129,13 +129,7 @@ def _step(case: str, m: dict, x: dict):
     return run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared machine, OpenMP threads stall whenever another core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see bench/conftest.py
 
 
 def _interleaved(run_ref, run_var, reps: int = REPS) -> tuple[float, float, float, float]:

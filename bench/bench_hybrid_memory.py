@@ -13,20 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _memory_common import DEVICE, memory_reference, record
+from _memory_common import BACKENDS, DEVICE, NAMES, memory_reference, record
 from fastmmt.ops import hybrid_memory_loss
 
 B_SRC, B_TGT, D, N_SRC, N_TGT = 64, 64, 2048, 700, 12_936
-NAMES = ["torch"] + (["triton"] if DEVICE.type == "cuda" else [])
-BACKENDS = [pytest.param(b, id="triton_cuda" if b == "triton" else b) for b in NAMES]  # -k cuda: GPU rows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see bench/conftest.py
 
 
 def _inputs():

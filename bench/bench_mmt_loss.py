@@ -87,14 +87,7 @@ def separate_mmt(f1, f2, f1_t, f2_t, p1, p2, p1_t, p2_t, labels, wce=0.5, wtri=0
 
 
 # ---- harness ----------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads stall for 0.1-2 s whenever
-    the other core is busy, which swamps the measurement."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see bench/conftest.py
 
 
 def _inputs(n: int, k: int, device: str = "cpu") -> dict[str, torch.Tensor]:
