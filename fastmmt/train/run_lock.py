@@ -16,6 +16,7 @@ Taking a folder also removes the temporary files an interrupted write left in it
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -102,19 +103,20 @@ class RunLock:
         return not _alive(holder["pid"], holder.get("started"))
 
     def _take_over(self, text: str) -> None:
-        """Remove a stale lock whose content is ``text``. The file is first renamed aside (atomic):
-        if a racing process already replaced it with a live lock, that one is put back."""
-        aside = self.path.with_name(f"{LOCK_NAME}.stale.{self.record['token']}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            if aside.read_text() != text:  # not the stale lock we read: restore it
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, self.path)
-        finally:
-            aside.unlink()
+        """Remove a stale lock whose content is ``text``. Take-overs are serialised by an ``flock`` on
+        a file beside the lock (the kernel releases it if its holder dies); under it the lock is
+        removed only while it is still that stale one, so a live lock that a racing process made
+        meanwhile is never moved, not even for a moment (renaming it aside and back let a third
+        process create a lock in between: two holders)."""
+        guard = self.path.with_name(f"{LOCK_NAME}.takeover")
+        with open(guard, "a") as g:
+            fcntl.flock(g, fcntl.LOCK_EX)
+            try:
+                found = self._read()
+                if found is not None and found[0] == text:
+                    self.path.unlink()
+            finally:
+                fcntl.flock(g, fcntl.LOCK_UN)
 
     def acquire(self) -> RunLock:
         """Take the folder or raise :class:`RunLockedError` naming the holder."""
