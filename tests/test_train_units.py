@@ -183,6 +183,7 @@ def test_run_logger_draws_on_its_own_thread_and_merges_waiting_redraws(tmp_path,
         return real_plot(self)
 
     monkeypatch.setattr(RunLogger, "plot", plot)
+    monkeypatch.setattr("fastmmt.train.logger.PLOT_INTERVAL", 0.0)  # every record asks for a redraw
     lg = RunLogger(tmp_path, tensorboard=False)
     for e in range(5):
         lg.log({"stage": "kmeans", "epoch": e, "loss": 1.0 / (e + 1)})
@@ -192,6 +193,30 @@ def test_run_logger_draws_on_its_own_thread_and_merges_waiting_redraws(tmp_path,
     assert calls and not any(main for main, _ in calls), "the plot is drawn off the training thread"
     assert len(calls) <= 2 and calls[-1][1] == 5  # the held redraw, then one that read every record
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_run_logger_draws_a_short_run_once_at_close_and_a_long_one_every_interval(tmp_path, monkeypatch):
+    """The first redraw waits PLOT_INTERVAL after the logger is made (a short run draws once, at
+    close, not during its second epoch); later records redraw once the interval has passed."""
+    import fastmmt.train.logger as logger_module
+    from fastmmt.train.logger import RunLogger
+
+    clock, calls = [1000.0], []
+    monkeypatch.setattr(logger_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(RunLogger, "plot", lambda self: calls.append(len(self.records())))
+    lg = RunLogger(tmp_path, tensorboard=False)
+    clock[0] += logger_module.PLOT_INTERVAL / 2
+    lg.log({"stage": "kmeans", "epoch": 0})
+    lg.log({"stage": "kmeans", "epoch": 1})
+    lg._plotter.submit(lambda: None).result()  # whatever was queued has run
+    assert calls == []
+    clock[0] += logger_module.PLOT_INTERVAL
+    lg.log({"stage": "kmeans", "epoch": 2})
+    lg._plotter.submit(lambda: None).result()
+    assert calls == [3]
+    lg.log({"stage": "kmeans", "epoch": 3})  # within the interval: drawn at close
+    lg.close()
+    assert calls == [3, 4]
 
 
 def test_load_model_file_builds_the_saved_architecture(tmp_path, caplog):

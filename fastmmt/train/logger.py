@@ -1,9 +1,12 @@
 """Per-epoch run log: JSON lines (always), TensorBoard (when installed), a PNG plot of the curves.
 
 The record is written (and flushed) on the calling thread; the plot is redrawn on a thread of its
-own (matplotlib's object API, no pyplot state), at most once every ``PLOT_INTERVAL`` seconds and
+own (matplotlib's object API, no pyplot state), at most once every ``PLOT_INTERVAL`` seconds (the
+first ``PLOT_INTERVAL`` seconds after the logger is made, so a short run draws once, at the end) and
 at :meth:`RunLogger.close` (which waits for it), so drawing it neither holds up the next epoch nor,
-on a busy CPU, takes much of its time (bench/RESULTS.md, "one adaptation epoch by phase").
+on a busy CPU, takes much of its time: the first draw imports matplotlib, and on a CPU whose cores
+all train, any work beside the training threads slows them by more than its own time
+(bench/RESULTS.md, "one adaptation epoch by phase").
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ class RunLogger:
         self._tb = None
         self._plotter = ThreadPoolExecutor(1, thread_name_prefix="fastmmt-plot")
         self._queued: Future | None = None
-        self._last_plot = -math.inf   # when the last redraw was requested (time.monotonic)
+        self._last_plot = time.monotonic()  # when the last redraw was requested (the first: made)
         self._stale = False           # a record was logged after it
         if tensorboard:
             try:
