@@ -171,7 +171,7 @@ def test_unknown_cluster_backend_fails_when_the_config_loads(env, capsys, monkey
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("extraction ran before the option was checked")
-    monkeypatch.setattr("fastmmt.evaluation.extract.extract_features", no_extraction)  # every extraction path
+    monkeypatch.setattr("fastmmt.evaluation.extract.extract_features_of", no_extraction)  # every extraction path
     bad = "torch" if "torch" not in KMEANS_BACKENDS else "no-such-backend"
     err = _fails(env, capsys, _adapt(env, f"adapt.cluster_backend={bad}"), "adapt.cluster_backend", code=2)
     assert str(list(KMEANS_BACKENDS)) in err
@@ -212,13 +212,13 @@ def test_nonfinite_loss_skip_policy(env, monkeypatch, tmp_path):
 def test_nonfinite_features_stop(env, capsys, monkeypatch):
     import fastmmt.evaluation.extract as extract_mod  # MMT extracts through FeatureExtractor
 
-    real = extract_mod.extract_features
+    real = extract_mod.extract_features_of
 
     def nan_rows(*args, **kwargs):
         f, p, c = real(*args, **kwargs)
-        f[2] = float("inf")
+        f[-1][2] = float("inf")  # the last model's (teacher 2's) features
         return f, p, c
-    monkeypatch.setattr(extract_mod, "extract_features", nan_rows)
+    monkeypatch.setattr(extract_mod, "extract_features_of", nan_rows)
     _fails(env, capsys, _adapt(env), "extract ep0: 1 of")
 
 

@@ -97,3 +97,33 @@ def test_progress_bar_only_on_a_terminal(data, capsys, monkeypatch) -> None:
     tty.truncate(0)
     extract_features(model, shuffled_batches(data), progress=False)
     assert tty.getvalue() == ""
+
+
+def test_several_models_from_one_pass_equal_one_model_at_a_time(data) -> None:
+    """extract_features_of: the loader is read once (counted), each model's features equal its own
+    extraction, and every model's mode is restored (one in train mode, one in eval mode)."""
+    from fastmmt.evaluation import extract_features_of
+
+    a = make_model()
+    torch.manual_seed(1)
+    b = build_model("resnet18", 5, base_width=8).eval()
+    passes = []
+
+    class Counted:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            passes.append(1)
+            return iter(self.batches)
+
+    feats, pids, camids = extract_features_of([a, b], Counted(shuffled_batches(data)), progress=False)
+    assert len(passes) == 1 and len(feats) == 2
+    assert a.training and not b.training
+    for model, f in zip((a, b), feats):
+        one, p1, c1 = extract_features(model, shuffled_batches(data, seed=4), progress=False)
+        torch.testing.assert_close(f, one, rtol=1e-5, atol=1e-6)
+        assert torch.equal(p1, pids) and torch.equal(c1, camids)
+    assert not torch.allclose(feats[0], feats[1])
+    with pytest.raises(ValueError, match="at least one model"):
+        extract_features_of([], shuffled_batches(data), progress=False)

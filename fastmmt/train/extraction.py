@@ -80,11 +80,20 @@ class RunExtraction:
     def features(self, model: nn.Module, split: str = "train", desc: str | None = None) -> torch.Tensor:
         """(N, D) float32 features of ``split`` ("train", "query" or "gallery") in dataset order;
         NaN/inf features raise :class:`NonFiniteLossError` naming ``desc``."""
-        feats = gather_rows(self._extractor(split)(model), len(getattr(self.dataset, split)), self.ctx)
-        bad = (~torch.isfinite(feats)).any(1)
-        if bad.any():
-            raise NonFiniteLossError(f"{desc or split}: {int(bad.sum())} of {len(feats)} feature rows are NaN/inf")
-        return feats
+        return self.features_of([model], split, desc)[0]
+
+    def features_of(self, models: Sequence[nn.Module], split: str = "train", desc: str | None = None
+                    ) -> list[torch.Tensor]:
+        """:meth:`features` of every model from one pass over the split's images."""
+        n = len(getattr(self.dataset, split))
+        out = [gather_rows(f, n, self.ctx) for f in self._extractor(split).of(models)]
+        for i, feats in enumerate(out):
+            bad = (~torch.isfinite(feats)).any(1)
+            if bad.any():
+                which = f" (model {i + 1} of {len(out)})" if len(out) > 1 else ""
+                raise NonFiniteLossError(f"{desc or split}: {int(bad.sum())} of {len(feats)} feature rows are "
+                                         f"NaN/inf{which}")
+        return out
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Target test metrics (mAP, rank-1/5/10) of ``model`` plus the evaluation wall time."""

@@ -213,8 +213,7 @@ class _Adapt:
         times = {}
         # 1. features of the target training set from the teachers (the student for one model)
         t0 = time.perf_counter()
-        feats = [self.extraction.features(net, "train", f"extract ep{epoch}")
-                 for net in (self.teachers or self.students)]
+        feats = self.extraction.features_of(self.teachers or self.students, "train", f"extract ep{epoch}")
         cf = torch.stack(feats).mean(0)
         if a.method == "dbscan":
             cf = F.normalize(cf, dim=1)
