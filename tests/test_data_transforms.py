@@ -105,3 +105,20 @@ def test_bad_parameters():
         TrainTransform(32, 16, flip_p=1.5)
     with pytest.raises(ValueError, match="3x32x16 uint8 tensor"):
         TrainTransform(32, 16)(torch.zeros(3, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("erase_p", [0.0, 0.5, 1.0])
+def test_batch_views_are_the_bits_of_image_by_image_views(erase_p):
+    """apply_views (the train loader's collate: one normalisation per batch) gives exactly the
+    tensors apply_view gives image by image, for every flip, crop and erasing box drawn."""
+    from fastmmt.data.augment import AugmentSpec, draw_view
+    from fastmmt.data.transforms import apply_view, apply_views, shift_view
+
+    spec = AugmentSpec(32, 16, pad=4, erase_p=erase_p)
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (24, 3, 32, 16), dtype=torch.uint8, generator=g)
+    views = [draw_view(spec, g) for _ in range(len(images))]
+    one_by_one = torch.stack([apply_view(x, v, spec) for x, v in zip(images, views)])
+    batch = apply_views(torch.stack([shift_view(x, v, spec) for x, v in zip(images, views)]), views, spec)
+    assert batch.dtype == torch.float32 and torch.equal(batch, one_by_one)
+    assert erase_p == 0.0 or any(v.erase[2] for v in views)  # the erasing path ran

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from fastmmt.data.augment import AugmentSpec, image_views, loader_spec
+from fastmmt.data.augment import AugmentSpec, ViewDraw, image_views, loader_spec
 from fastmmt.data.decoded_cache import DecodedCacheError, DecodedImageCache
 from fastmmt.data.image_io import load_image
 from fastmmt.data.records import ImageRecord
 from fastmmt.data.sampler import BatchPlanner, PlannedLabels
-from fastmmt.data.transforms import TestTransform, apply_view, as_uint8, normalize
+from fastmmt.data.transforms import TestTransform, apply_views, as_uint8, normalize, shift_view
 
 
 class TrainBatch(NamedTuple):
@@ -53,9 +53,10 @@ class _Images:
 
 
 class _AugmentedImages(Dataset):
-    """Item ``(index, seed)`` -> (num_views augmented tensors, index); the views are drawn from
-    the image's seed (:func:`~fastmmt.data.augment.image_views`), so results do not depend on
-    the number of workers."""
+    """Item ``(index, seed)`` -> (num_views (flipped and cropped uint8 image, its draw), index);
+    the views are drawn from the image's seed (:func:`~fastmmt.data.augment.image_views`), so
+    results do not depend on the number of workers. :func:`_collate` normalises and erases a
+    whole batch at once."""
 
     def __init__(self, paths: list[str], spec: AugmentSpec, num_views: int,
                  cache: DecodedImageCache | None = None) -> None:
@@ -68,7 +69,7 @@ class _AugmentedImages(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], int]:
         index, seed = item
         base = as_uint8(self.image(index), self.spec.height, self.spec.width)
-        return tuple(apply_view(base, v, self.spec) for v in image_views(self.spec, seed, self.num_views)), index
+        return tuple((shift_view(base, v, self.spec), v) for v in image_views(self.spec, seed, self.num_views)), index
 
 
 class _BatchList:
@@ -84,9 +85,18 @@ class _BatchList:
         return len(self.batches)
 
 
-def _collate(items: list[tuple[tuple[torch.Tensor, ...], int]]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    views = tuple(torch.stack(v) for v in zip(*(it[0] for it in items)))
-    return views, torch.tensor([it[1] for it in items], dtype=torch.int64)
+class _Collate:
+    """Stack a batch's views and normalise + erase each view's batch in one pass
+    (:func:`~fastmmt.data.transforms.apply_views`: the bits of image-by-image augmentation)."""
+
+    def __init__(self, spec: AugmentSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, items: list[tuple[tuple[tuple[torch.Tensor, ViewDraw], ...], int]]
+                 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        views = tuple(apply_views(torch.stack([img for img, _ in v]), [d for _, d in v], self.spec)
+                      for v in zip(*(it[0] for it in items)))
+        return views, torch.tensor([it[1] for it in items], dtype=torch.int64)
 
 
 class TorchTrainLoader(PlannedLabels):
@@ -125,7 +135,7 @@ class TorchTrainLoader(PlannedLabels):
         if self._loader is None:
             extra = dict(persistent_workers=True, worker_init_fn=_single_thread_worker) if self._workers else {}
             self._loader = DataLoader(self._dataset, batch_sampler=self._batches, num_workers=self._workers,
-                                      collate_fn=_collate, pin_memory=self.pin_memory, **extra)
+                                      collate_fn=_Collate(self.spec), pin_memory=self.pin_memory, **extra)
         return self._loader
 
     def epoch(self, epoch: int, iters: int) -> Iterator[TrainBatch]:

@@ -7,6 +7,8 @@ crop act on the uint8 image before normalisation; this is exactly the PIL order 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from PIL import Image
@@ -21,8 +23,8 @@ from fastmmt.data.augment import (
     normalize_constants,
 )
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TestTransform", "TrainTransform", "apply_view", "as_uint8",
-           "normalize", "resize_to_tensor"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TestTransform", "TrainTransform", "apply_view", "apply_views",
+           "as_uint8", "erase_", "normalize", "resize_to_tensor", "shift_view"]
 
 
 def resize_to_tensor(img: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -69,18 +71,37 @@ def as_uint8(img: Image.Image | torch.Tensor, height: int, width: int) -> torch.
     return img
 
 
-def apply_view(x: torch.Tensor, view: ViewDraw, spec: AugmentSpec) -> torch.Tensor:
-    """The view ``view`` of a resized 3xHxW uint8 image: flip, zero pad + crop, normalise,
-    erase (``spec.erase_fill`` written into the normalised tensor); float32 3xHxW."""
+def shift_view(x: torch.Tensor, view: ViewDraw, spec: AugmentSpec) -> torch.Tensor:
+    """The geometric part of ``view`` on a resized 3xHxW uint8 image: flip, zero pad + crop
+    (uint8, 3xHxW, contiguous)."""
     arr = x.numpy()
     if view.flip:
         arr = arr[:, :, ::-1]
     if spec.pad > 0:
         arr = _shift_crop(arr, spec.pad, view.top, view.left)
-    out = normalize(torch.from_numpy(np.ascontiguousarray(arr)), spec.mean, spec.std)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def erase_(out: torch.Tensor, view: ViewDraw, spec: AugmentSpec) -> torch.Tensor:
+    """Write ``spec.erase_fill`` into ``view``'s erasing box of the normalised 3xHxW ``out``."""
     top, left, h, w = view.erase
     if h:
         out[:, top:top + h, left:left + w] = torch.tensor(spec.erase_fill, dtype=out.dtype).view(-1, 1, 1)
+    return out
+
+
+def apply_view(x: torch.Tensor, view: ViewDraw, spec: AugmentSpec) -> torch.Tensor:
+    """The view ``view`` of a resized 3xHxW uint8 image: flip, zero pad + crop, normalise,
+    erase (``spec.erase_fill`` written into the normalised tensor); float32 3xHxW."""
+    return erase_(normalize(shift_view(x, view, spec), spec.mean, spec.std), view, spec)
+
+
+def apply_views(shifted: torch.Tensor, views: Sequence[ViewDraw], spec: AugmentSpec) -> torch.Tensor:
+    """A batch of :func:`apply_view`: ``shifted`` (Bx3xHxW uint8, each image's :func:`shift_view`)
+    normalised in one pass, then each image's box erased. The same bits as image by image."""
+    out = normalize(shifted, spec.mean, spec.std)
+    for i, view in enumerate(views):
+        erase_(out[i], view, spec)
     return out
 
 
