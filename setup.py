@@ -1,8 +1,8 @@
 """Build and install fastmmt.
 
-The library is pure Python except the optional multi-tensor EMA extension ``fastmmt._C`` built
-from ``csrc/``. The extension build never fails the install: without it, ``fastmmt.ops`` falls
-back to ``torch._foreach_lerp_``. Install with ``pip install -e . --no-build-isolation`` so the
+The library is pure Python except the optional extension ``fastmmt._C`` built from ``csrc/``
+(multi-tensor EMA, the memory banks' CPU update). The extension build never fails the install:
+without it, ``fastmmt.ops`` falls back to ``torch._foreach_lerp_`` and the torch memory update. Install with ``pip install -e . --no-build-isolation`` so the
 build uses the torch already installed (an isolated build would fetch a multi-GB torch).
 """
 from __future__ import annotations

@@ -13,8 +13,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import memory_reference  # noqa: E402  (the one copy of the transcriptions)
 
+from fastmmt.ops.memory import _ext  # noqa: E402
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-NAMES = ["torch"] + (["triton"] if DEVICE.type == "cuda" else [])  # the backends timed here
+# The backends timed here: ext (the extension's CPU update) on CPU tensors when built.
+NAMES = (["torch"] + (["triton"] if DEVICE.type == "cuda" else [])
+         + (["ext"] if DEVICE.type == "cpu" and _ext() is not None else []))
 BACKENDS = [pytest.param(b, id="triton_cuda" if b == "triton" else b) for b in NAMES]  # -k cuda: GPU rows
 
 

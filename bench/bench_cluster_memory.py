@@ -5,7 +5,8 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest bench/bench_cluster_memory.py 
          --benchmark-columns=min,median,rounds --benchmark-json=bench/results/cluster_memory.json
 Shape: B 256 (16 clusters x 16 samples, Cluster Contrast's sampler), D 2048, 800 clusters, float32.
 Variants: ``torch`` (fastmmt's torch backend: update in rounds) everywhere; ``triton`` (fused kernels)
-on CUDA only (the CPU interpreter is a correctness tool). ``extra_info`` holds the medians of
+on CUDA only (the CPU interpreter is a correctness tool); ``ext`` (the torch loss with the update in
+the compiled extension ``fastmmt._C``) on CPU when it is built. ``extra_info`` holds the medians of
 alternating calls of the original and the variant and their ratio (``speedup_median``).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from _memory_common import BACKENDS, DEVICE, NAMES, memory_reference, record
 from fastmmt.ops import cluster_memory_loss
-from fastmmt.ops.memory import ordered_update_torch_
+from fastmmt.ops.memory import _ext, ordered_update_torch_
 
 B, D, K, PER_CLUSTER = 256, 2048, 800, 16
 
@@ -74,6 +75,8 @@ def test_update(benchmark, backend, use_hard):
         from fastmmt.kernels.memory import ordered_update_
         ones = torch.ones(B, device=DEVICE)
         var = lambda: ordered_update_(mem, xn, ones, targets, 0.2, use_hard)  # noqa: E731
+    elif backend == "ext":
+        var = lambda: _ext().memory_ordered_update_(mem, xn, targets, 0.2, use_hard)  # noqa: E731
     else:
         var = lambda: ordered_update_torch_(mem, xn, targets, 0.2, use_hard)  # noqa: E731
     record(benchmark, f"ClusterMemory update B={B} D={D} K={K} hard={use_hard}",

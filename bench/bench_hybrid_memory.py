@@ -5,7 +5,8 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest bench/bench_hybrid_memory.py -
          --benchmark-columns=min,median,rounds --benchmark-json=bench/results/hybrid_memory.json
 Shape: B 64 source + 64 target, D 2048, memory = 700 source class centroids + 12,936 target
 images (Market-1501), the target rows carrying 500 pseudo labels plus outliers with their own.
-Variants: ``torch`` everywhere (update in rounds); ``triton`` (update kernel) on CUDA only.
+Variants: ``torch`` everywhere (update in rounds); ``triton`` (update kernel) on CUDA only; ``ext``
+(the update in the compiled extension ``fastmmt._C``) on CPU when it is built.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 // in place, for whole parameter lists in one call. Every input is validated before anything is
 // written. CPU: one at::parallel_for over all elements of all tensors (flattened, chunked) with
 // inner loops the compiler vectorises. CUDA (when built with FASTMMT_WITH_CUDA): a multi-tensor
-// kernel, see ema_kernel.cu.
+// kernel, see ema_kernel.cu. The module also carries the memory banks' ordered update
+// (memory.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "ema.h"
+#include "memory.h"
 
 namespace fastmmt {
 namespace {
@@ -153,11 +155,16 @@ void ema_update_(const std::vector<at::Tensor>& teacher, const std::vector<at::T
 }  // namespace fastmmt
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastmmt multi-tensor EMA (mean-teacher) update";
+  m.doc() = "fastmmt multi-tensor EMA (mean-teacher) update and memory-bank ordered update";
   m.def("ema_update_", &fastmmt::ema_update_, pybind11::arg("teacher_tensors"),
         pybind11::arg("student_tensors"), pybind11::arg("alpha"),
         "teacher <- alpha*teacher + (1-alpha)*student for every pair, in place (fp32 arithmetic). "
         "Validates all inputs before writing.");
+  m.def("memory_ordered_update_", &fastmmt::memory_ordered_update_, pybind11::arg("memory"),
+        pybind11::arg("x"), pybind11::arg("indexes"), pybind11::arg("momentum"),
+        pybind11::arg("hard") = false,
+        "CPU, in place: memory[indexes[j]] <- m c + (1-m) x_j, c <- c/|c|, per row in batch order "
+        "(hard: once per row, its least similar sample). Validates all inputs before writing.");
   m.def("has_cuda", &fastmmt::cuda_built, "True when this build contains the CUDA kernel.");
   m.def("num_threads", &at::get_num_threads, "Threads at::parallel_for uses for the CPU path.");
 }

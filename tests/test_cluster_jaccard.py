@@ -171,3 +171,15 @@ def test_jaccard_rows_blocks_and_first_rows(data, num_rows, block_rows):
     assert jac.nnz == int((ref[:num_rows] < 1).sum())
     for r in range(num_rows):
         assert np.all(np.diff(jac.row(r)[0]) > 0)
+
+
+def test_knn_exact_float32_strided_features(data):
+    """A strided float32 view (FAISS's routines read raw pointers) gives the k-NN of its values."""
+    x, _ = data
+    wide = np.repeat(x, 2, axis=1)  # columns 0, 2, 4, ... are x again
+    view = torch.from_numpy(wide).float()[:, ::2]
+    assert not view.is_contiguous()
+    nb = knn_exact(view, 21, block=64)
+    ref = knn_exact(torch.from_numpy(x).float().contiguous(), 21, block=64)
+    np.testing.assert_array_equal(nb.ids, ref.ids)
+    np.testing.assert_array_equal(nb.dist, ref.dist)

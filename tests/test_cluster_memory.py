@@ -1,6 +1,7 @@
-"""ClusterMemory (Cluster Contrast) on both backends against the float64 transcription of the
+"""ClusterMemory (Cluster Contrast) on every backend against the float64 transcription of the
 original (tests/memory_reference.py): loss, input gradient and the memory after several ordered
-updates. The Triton backend runs on ``device`` (compiled on CUDA, interpreted on CPU). The gradient
+updates. The Triton backend runs on ``device`` (compiled on CUDA, interpreted on CPU), the ext
+backend (the extension's update) on CPU. The gradient
 reference is plain autograd of ``cross_entropy(normalize(x) M^T / temp)`` in float64 with M as it
 was before the step. Inputs are fresh random each run (the seed is printed; FASTMMT_TEST_SEED pins it).
 """
@@ -11,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from fastmmt.ops import ClusterMemory, cluster_memory_loss
-from memory_reference import cluster_memory_ref
+from memory_backends import BACKENDS, EXT_BUILT, EXT_SKIP, FLOAT64_BACKENDS, device_for
+from memory_reference import cluster_memory_ref, cm_hard_update_ref, cm_update_ref
 
 # float32 kernels against float64: loss relative, gradient relative to the largest entry, memory absolute
 LOSS_TOL, GRAD_TOL, MEM_TOL = 2e-5, 1e-4, 2e-5
@@ -63,15 +65,16 @@ def _steps(targets_list, gen, device, backend, use_hard, dtype=torch.float32, n_
     return mem, mem64
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("use_hard", [False, True], ids=["ordered", "hard"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_steps_match_transcription(case, use_hard, backend, gen, device):
-    _steps(CASES[case], gen, device, backend, use_hard)
+    _steps(CASES[case], gen, device_for(backend, device), backend, use_hard)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_noncontiguous_and_half_inputs(backend, gen, device):
+    device = device_for(backend, device)
     _steps(CASES["repeated clusters"], gen, device, backend, False, noncontig=True, n_steps=2)
     _steps(CASES["repeated clusters"], gen, device, backend, True, dtype=torch.bfloat16, n_steps=2)
 
@@ -99,6 +102,141 @@ def test_several_row_and_feature_blocks(use_hard, gen, device):
         assert (mem.double().cpu() - mem64).abs().max() < MEM_TOL
 
 
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
+@pytest.mark.parametrize("use_hard", [False, True], ids=["ordered", "hard"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_float64_memory_stays_float64(case, use_hard, backend, gen):
+    """A float64 memory is updated in float64 (1e-12 of the transcription: a float32 update would
+    be ~1e-7 off), loss and memory both float64."""
+    targets = torch.tensor(CASES[case])
+    mem = _memory(gen)
+    mem64 = mem.clone()
+    for _ in range(3):
+        x = torch.randn(len(targets), D, generator=gen, dtype=torch.float64)
+        ref = cluster_memory_ref(x.clone().requires_grad_(), targets, mem64, use_hard=use_hard)
+        ref.backward()
+        loss = cluster_memory_loss(x.clone().requires_grad_(), targets, mem, use_hard=use_hard, backend=backend)
+        loss.backward()
+        assert loss.dtype == torch.float64 and mem.dtype == torch.float64
+        assert torch.allclose(loss, ref.detach(), rtol=1e-12, atol=0)
+        assert (mem - mem64).abs().max() < 1e-12
+
+
+@pytest.mark.skipif(not EXT_BUILT, reason=EXT_SKIP)
+@pytest.mark.parametrize("use_hard", [False, True], ids=["ordered", "hard"])
+def test_ext_rows_in_parallel_match_transcription(use_hard, gen):
+    """Two threads, enough rows and features for at::parallel_for to split the rows across them:
+    each row still sees its samples in batch order (and hard its least similar one)."""
+    from fastmmt.ops.memory import _ext
+
+    b, d, k = 96, 1024, 50
+    mem = F.normalize(torch.randn(k, d, generator=gen), dim=1)
+    mem64 = mem.double()
+    targets = torch.randint(0, 12, (b,), generator=gen) * 4
+    x = F.normalize(torch.randn(b, d, generator=gen), dim=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _ext().memory_ordered_update_(mem, x, targets, 0.2, use_hard)
+    finally:
+        torch.set_num_threads(before)
+    (cm_hard_update_ref if use_hard else cm_update_ref)(mem64, x.double(), targets, 0.2)
+    assert (mem.double() - mem64).abs().max() < MEM_TOL
+
+
+@pytest.mark.skipif(not EXT_BUILT, reason=EXT_SKIP)
+def test_auto_picks_ext_on_cpu(monkeypatch, gen):
+    """On CPU tensors with the extension built, ``auto`` runs the update in the extension (even
+    under the Triton interpreter the tests switch on)."""
+    from types import SimpleNamespace
+
+    from fastmmt.ops import memory
+
+    real = memory._ext()
+    calls = []
+
+    def spy(*args):
+        calls.append(args[-1])
+        real.memory_ordered_update_(*args)
+
+    monkeypatch.setattr(memory, "_ext", lambda: SimpleNamespace(memory_ordered_update_=spy))
+    targets = torch.tensor(CASES["repeated clusters"])
+    mem = _memory(gen).to(torch.float32)
+    mem64 = mem.double()
+    for hard in (False, True):
+        x = torch.randn(len(targets), D, generator=gen)
+        cluster_memory_ref(x.double().requires_grad_(), targets, mem64, use_hard=hard).backward()
+        cluster_memory_loss(x.requires_grad_(), targets, mem, use_hard=hard).backward()
+    assert calls == [False, True]
+    assert (mem.double() - mem64).abs().max() < MEM_TOL
+
+
+def test_ext_not_built_is_a_clear_error_and_auto_falls_back(monkeypatch, gen):
+    from fastmmt.ops import memory
+
+    monkeypatch.setattr(memory, "_ext", lambda: None)
+    targets = torch.tensor([0, 1, 1])
+    mem = F.normalize(torch.randn(K, D, generator=gen), dim=1)
+    x = torch.randn(3, D, generator=gen)
+    with pytest.raises(RuntimeError, match="fastmmt._C is not built with the memory update"):
+        cluster_memory_loss(x, targets, mem.clone(), backend="ext")
+    mem64 = mem.double()
+    cluster_memory_ref(x.double().requires_grad_(), targets, mem64).backward()
+    cluster_memory_loss(x.requires_grad_(), targets, mem).backward()  # auto: as without the extension
+    assert (mem.double() - mem64).abs().max() < MEM_TOL
+
+
+@pytest.mark.skipif(not EXT_BUILT, reason=EXT_SKIP)
+def test_ext_refuses_tensors_off_the_cpu(gen):
+    """The ext backend is CPU-only: another device (meta here; CUDA in the gpu test below) is a clear
+    error, from the Python dispatch and from the extension itself."""
+    from fastmmt.ops.memory import _ext
+
+    mem = torch.empty(K, D, device="meta")
+    x = torch.empty(3, D, device="meta")
+    t = torch.zeros(3, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="the ext backend runs on CPU tensors"):
+        cluster_memory_loss(x, t, mem, backend="ext")
+    with pytest.raises(ValueError, match="the ext backend runs on CPU tensors"):
+        _ext().memory_ordered_update_(mem, x, t, 0.2, False)
+
+
+@pytest.mark.skipif(not EXT_BUILT, reason=EXT_SKIP)
+@pytest.mark.parametrize("bad, err, match", [
+    (lambda m, x, t: (m, x, torch.tensor([0, K, 1])), IndexError, r"index 37 of sample 1 is outside the memory's rows \[0, 37\)"),
+    (lambda m, x, t: (m, x, torch.tensor([0, -1, 1])), IndexError, "outside the memory's rows"),
+    (lambda m, x, t: (m, x, t.int()), ValueError, "int64 vector of 3 entries"),
+    (lambda m, x, t: (m, x[:, :5], t), ValueError, "do not match the memory's 40 features"),
+    (lambda m, x, t: (m.half(), x, t), ValueError, "float32 or float64"),
+    (lambda m, x, t: (torch.zeros(K, 2 * D)[:, ::2], x, t), ValueError, "contiguous rows"),
+])
+def test_ext_bad_input_writes_nothing(bad, err, match, gen):
+    """The extension checks everything (index range included) before it writes any row."""
+    from fastmmt.ops.memory import _ext
+
+    mem = F.normalize(torch.randn(K, D, generator=gen), dim=1)
+    x, t = torch.randn(3, D, generator=gen), torch.tensor([0, 1, 1])
+    m, xb, tb = bad(mem, x, t)
+    before = m.clone()
+    with pytest.raises(err, match=match):
+        _ext().memory_ordered_update_(m, xb, tb, 0.2, False)
+    assert torch.equal(m, before)
+
+
+@pytest.mark.gpu
+def test_cuda_ext_is_a_clear_error_and_auto_runs_triton(gen, device):
+    mem = F.normalize(torch.randn(K, D, generator=gen), dim=1).to(device)
+    x = torch.randn(3, D, generator=gen).to(device)
+    t = torch.tensor([0, 1, 1], device=device)
+    if EXT_BUILT:
+        with pytest.raises(ValueError, match="the ext backend runs on CPU tensors"):
+            cluster_memory_loss(x, t, mem, backend="ext")
+    mem64 = mem.double().cpu()
+    cluster_memory_ref(x.double().cpu().requires_grad_(), t.cpu(), mem64).backward()
+    cluster_memory_loss(x.requires_grad_(), t, mem).backward()
+    assert (mem.double().cpu() - mem64).abs().max() < MEM_TOL
+
+
 def test_update_order_matters(gen):
     """The ordered update differs from applying the same samples in another order: a check that
     the comparison above can see a wrong order."""
@@ -112,11 +250,12 @@ def test_update_order_matters(gen):
     assert torch.equal(a[0], mem[0]) and torch.equal(a[2], mem[2])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
 def test_autocast_computes_in_float32(amp, backend, gen, device):
     """Under autocast the loss, gradient and update equal the float32 results (e^(1/temp) = e^20
     overflows fp16, and a bf16 x M^T would be off by ~1e-2)."""
+    device = device_for(backend, device)
     targets = torch.tensor(CASES["repeated clusters"], device=device)
     mem0 = F.normalize(torch.randn(K, D, generator=gen), dim=1).to(device)
     x = torch.randn(len(targets), D, generator=gen).to(device)
@@ -134,9 +273,10 @@ def test_autocast_computes_in_float32(amp, backend, gen, device):
     assert torch.allclose(m0, m1, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_module_matches_transcription(backend, gen, device):
     """The nn.Module: the original's constructor, buffer and call; two steps like a training loop."""
+    device = device_for(backend, device)
     model = ClusterMemory(D, K, temp=0.05, momentum=0.2, use_hard=False, backend=backend).to(device)
     model.features = _memory(gen).to(torch.float32).to(device)
     mem64 = model.features.double().cpu()

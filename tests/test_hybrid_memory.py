@@ -1,6 +1,7 @@
-"""HybridMemory (SpCL) on both update backends against the float64 transcription of the original
-(tests/memory_reference.py): loss, input gradient (also against plain float64 autograd at the
-memory before the step) and the memory after several ordered updates by index. Inputs are fresh
+"""HybridMemory (SpCL) on every update backend (torch, triton, ext: the extension's CPU update)
+against the float64 transcription of the original (tests/memory_reference.py): loss, input
+gradient (also against plain float64 autograd at the memory before the step) and the memory after
+several ordered updates by index. Inputs are fresh
 random each run (the seed is printed; FASTMMT_TEST_SEED pins it).
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmmt.ops import HybridMemory, hybrid_memory_loss
+from memory_backends import BACKENDS, device_for
 from memory_reference import hybrid_memory_ref
 
 LOSS_TOL, GRAD_TOL, MEM_TOL = 2e-5, 1e-4, 2e-5
@@ -56,10 +58,10 @@ def _check(indexes_list, gen, device, backend, n_steps=3, dtype=torch.float32, n
         assert (mem.double().cpu() - mem64).abs().max() < MEM_TOL
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(INDEXES))
 def test_steps_match_transcription(case, backend, gen, device):
-    _check(INDEXES[case], gen, device, backend)
+    _check(INDEXES[case], gen, device_for(backend, device), backend)
 
 
 def test_one_slot_per_row_as_on_cuda(monkeypatch, gen, device):
@@ -71,8 +73,9 @@ def test_one_slot_per_row_as_on_cuda(monkeypatch, gen, device):
     _check(INDEXES["source repeats + targets"], gen, device, "torch", n_steps=2)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_noncontiguous_and_half_inputs(backend, gen, device):
+    device = device_for(backend, device)
     _check(INDEXES["source repeats + targets"], gen, device, backend, n_steps=2, noncontig=True)
     _check(INDEXES["source repeats + targets"], gen, device, backend, n_steps=2, dtype=torch.float16)
 
@@ -97,9 +100,10 @@ def test_autocast_computes_in_float32(amp, gen, device):
     assert torch.allclose(m0, m1, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_module_matches_transcription(backend, gen, device):
     """The nn.Module with SpCL's constructor and buffers, filled the way SpCL's script does."""
+    device = device_for(backend, device)
     model = HybridMemory(D, N, temp=0.05, momentum=0.2, backend=backend).to(device)
     labels = _labels(gen)
     model.features = F.normalize(torch.randn(N, D, generator=gen), dim=1).to(device)

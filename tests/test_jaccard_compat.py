@@ -77,3 +77,20 @@ def test_bad_input(make, match, gen):
     kw.setdefault("k2", 3)
     with pytest.raises(ClusterError, match=match):
         compute_jaccard_distance(x, print_flag=False, **kw)
+
+
+def test_finite_check_sees_every_bad_entry_and_no_false_alarm():
+    """The finite check's one-pass sum: +inf and -inf (a NaN sum), a lone NaN, and large finite
+    values whose float32 sum overflows (accepted after the entry-wise check)."""
+    from fastmmt.cluster.result import as_feature_tensor
+
+    x = torch.ones(6, 4)
+    for bad in ([(1, 2, float("inf")), (4, 0, -float("inf"))], [(5, 3, float("nan"))]):
+        y = x.clone()
+        for r, c, v in bad:
+            y[r, c] = v
+        with pytest.raises(ClusterError, match=f"NaN/inf values in {len(bad)} of 6 rows"):
+            as_feature_tensor(y)
+    big = torch.full((6, 4), 3e38)
+    assert not torch.isfinite(big.sum())
+    assert torch.equal(as_feature_tensor(big), big)

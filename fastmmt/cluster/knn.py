@@ -2,10 +2,11 @@
 
 The k-reciprocal encoding needs, per point, its k1+1 nearest points (itself first) and the
 largest distance in its row (the original algorithm divides each row by it). ``flat`` is exact:
-it computes each pair's distance once (the matrix is symmetric) in row strips, through FAISS's
-``pairwise_L2sqr`` for float32 CPU features (BLAS sgemm; faster than FAISS ``IndexFlatL2``, which
-computes every pair twice, and than torch's matmul + top-k over all pairs: bench/RESULTS.md), and
-torch's matmul otherwise (float64, GPU).
+it computes each pair's distance once (the matrix is symmetric) in row strips. float32 CPU
+features: strips from FAISS's ``pairwise_L2sqr`` (BLAS sgemm; faster than FAISS ``IndexFlatL2``,
+which computes every pair twice, and than torch's matmul + top-k over all pairs: bench/RESULTS.md),
+the k nearest kept in FAISS's C++ max-heaps, one per row (a distance costs one comparison with the
+row's current k-th unless it enters). Otherwise (float64, GPU): torch's matmul, top-k and merges.
 ``hnsw`` is FAISS's approximate graph index for very large N; the row maximum then comes from
 an approximate maximum-inner-product search over the augmented vectors [x_j, |x_j|^2].
 """
@@ -68,15 +69,18 @@ def knn_exact(x: torch.Tensor, k: int, *, block: int | None = None, progress: bo
     from row block b to every row from the start of block b on. Its row-wise top-k serves block
     b's rows; seen by column, it offers the later rows every distance below their current k-th
     best, merged into their running top-k. Strips go from the last block to the first, so every
-    later row already holds k candidates from its own strip and few entries pass that threshold.
-    The row maxima come from the same strips. Blocks have ``block`` rows (default: 1024, fewer
+    later row already holds k candidates from its own strip and few entries pass that threshold
+    (float32 CPU features: both sides go through FAISS's per-row heaps, :func:`_knn_exact_faiss`).
+    The row maxima come from the same strips. Blocks have ``block`` rows (default: 512, fewer
     when N is large so a strip stays under 2^26 entries). Ties at the k-th distance are broken
     arbitrarily; the k returned are sorted by (distance, id).
     """
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, N] = [1, {n}], got {k}")
-    block = block or max(64, min(1024, 2**26 // n))
+    block = block or max(64, min(512, 2**26 // n))
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return _knn_exact_faiss(np.ascontiguousarray(x.detach().numpy()), k, block, progress)
     norms = sq_norms(x)
     best_d = torch.full((n, k), float("inf"), dtype=x.dtype, device=x.device)
     best_i = torch.zeros((n, k), dtype=torch.int64, device=x.device)
@@ -96,20 +100,41 @@ def knn_exact(x: torch.Tensor, k: int, *, block: int | None = None, progress: bo
     return Neighbours(ids, dist, row_max.cpu().numpy().astype(np.float64))
 
 
-def _strip(x: torch.Tensor, norms: torch.Tensor, s: int, e: int) -> torch.Tensor:
-    """Squared distances from rows s..e to rows s..N, clamped at 0, exact 0 to themselves.
-
-    float32 CPU features use FAISS's ``pairwise_L2sqr`` (BLAS sgemm under FAISS's thread
-    setting; see bench/RESULTS.md), others torch's matmul."""
-    n, d = x.shape
-    if x.device.type == "cpu" and x.dtype == torch.float32:
-        xs = x.detach().numpy()
-        out = np.empty((e - s, n - s), dtype=np.float32)
+def _knn_exact_faiss(xs: np.ndarray, k: int, block: int, progress: bool) -> Neighbours:
+    """:func:`knn_exact` for float32 CPU features: the same strips, from FAISS's ``pairwise_L2sqr``
+    (BLAS sgemm under FAISS's thread setting), and FAISS's per-row max-heaps for the selection
+    (C++ ``addn``: each distance is compared with its row's root, the current k-th, and replaces
+    it when smaller). A strip's rows go in as they are; its later columns (the same distances
+    seen from the later rows) through a transposed copy of that part."""
+    n, d = xs.shape
+    val = np.full((n, k), np.inf, dtype=np.float32)
+    ids = np.full((n, k), -1, dtype=np.int64)
+    heaps = faiss.float_maxheap_array_t()  # pointers into val and ids, which outlive it
+    heaps.nh, heaps.k, heaps.val, heaps.ids = n, k, faiss.swig_ptr(val), faiss.swig_ptr(ids)
+    row_max = np.zeros(n, dtype=np.float32)
+    starts = range(0, n, block)
+    for s in tqdm(reversed(starts), total=len(starts), desc="k-NN", disable=not progress, leave=False):
+        e = min(s + block, n)
+        d2 = np.empty((e - s, n - s), dtype=np.float32)
         faiss.pairwise_L2sqr(d, e - s, faiss.swig_ptr(xs[s:e]), n - s, faiss.swig_ptr(xs[s:]),
-                             faiss.swig_ptr(out))
-        d2 = torch.from_numpy(out)
-    else:
-        d2 = torch.mm(-2.0 * x[s:e], x[s:].t()).add_(norms[None, s:]).add_(norms[s:e, None])
+                             faiss.swig_ptr(d2))
+        np.maximum(d2, 0.0, out=d2)
+        own = np.arange(e - s)
+        d2[own, own] = 0.0
+        np.maximum(row_max[s:e], d2.max(axis=1), out=row_max[s:e])
+        heaps.addn(n - s, faiss.swig_ptr(d2), s, s, e - s)  # rows s..e, ids s..N
+        if e < n:
+            later = np.ascontiguousarray(d2[:, e - s:].T)  # rows e..N, columns: ids s..e
+            np.maximum(row_max[e:], later.max(axis=1), out=row_max[e:])
+            heaps.addn(e - s, faiss.swig_ptr(later), s, e, n - e)
+    ids, dist = _sort_by_distance_then_id(val, ids)
+    return Neighbours(ids, dist, row_max.astype(np.float64))
+
+
+def _strip(x: torch.Tensor, norms: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Squared distances from rows s..e to rows s..N (torch's matmul), clamped at 0, exact 0 to
+    themselves."""
+    d2 = torch.mm(-2.0 * x[s:e], x[s:].t()).add_(norms[None, s:]).add_(norms[s:e, None])
     d2.clamp_(min=0.0)
     d2[:, : e - s].fill_diagonal_(0.0)
     return d2

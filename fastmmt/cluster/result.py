@@ -42,7 +42,9 @@ def as_feature_tensor(features: torch.Tensor | np.ndarray, what: str = "features
         raise ClusterError(f"{what} is empty: shape {tuple(features.shape)}")
     if features.dtype != torch.float64:
         features = features.float()
-    bad = (~torch.isfinite(features)).any(dim=1)
+    if bool(torch.isfinite(features.sum())):  # one pass: a NaN/inf entry makes the sum NaN/inf
+        return features.contiguous()
+    bad = (~torch.isfinite(features)).any(dim=1)  # the sum overflowed, or some entries are bad
     num_bad = int(bad.sum())
     if num_bad:
         first = bad.nonzero()[:5, 0].tolist()

@@ -8,18 +8,25 @@ without a backward leaves the memory unchanged). The update, per sample in batch
 samples of one row run in batch order (the result depends on it). ``hard``: one update per row,
 with the row's sample of LOWEST similarity ``x . c`` (Cluster Contrast's ``CM_Hard``).
 
-Both backends compute in float32 (float64 memories stay float64 on the torch backend) with
-autocast off. The Triton backend (:mod:`fastmmt.kernels.memory`) reads nothing on the host; the
-torch backend's update reads the largest per-row sample count once per step (its number of
-rounds).
+Backends (``backend=``): ``torch`` (plain torch: the update in rounds, one per sample of a row);
+``triton`` (:mod:`fastmmt.kernels.memory`: fused ClusterMemory forward/backward and a one-launch
+update; CUDA, or CPU under the Triton interpreter); ``ext`` (CPU tensors: the torch loss with the
+update in the compiled extension ``fastmmt._C``, rows in parallel, each row's samples in batch
+order). ``auto``: ``ext`` for CPU tensors when the extension is built and takes the memory
+(float32/float64, rows contiguous), else Triton for CUDA tensors or under the interpreter, else
+torch. All compute in float32 with autocast off (float64 memories stay float64 on the torch and
+ext backends). The Triton backend reads nothing on the host; the torch backend's update reads the
+largest per-row sample count once per step (its number of rounds); ``ext`` runs on the host.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from fastmmt.ops._dispatch import float32_region, resolve_backend, triton_interpreter_on
+from fastmmt.ops._dispatch import BACKENDS, float32_region, resolve_backend, triton_interpreter_on
+from fastmmt.ops.ema import load_extension
 
+MEMORY_BACKENDS = BACKENDS + ("ext",)
 _MEMORY_DTYPES = (torch.float32, torch.float64)
 
 
@@ -29,6 +36,31 @@ def _kernels():
     from fastmmt.kernels import memory as module
 
     return module
+
+
+def _ext():
+    """``fastmmt._C`` when it is built with the memory update, else None (a build that predates
+    the update has only the EMA)."""
+    ext = load_extension()
+    return ext if ext is not None and hasattr(ext, "memory_ordered_update_") else None
+
+
+def _ext_takes(memory: torch.Tensor) -> bool:
+    """True when the ext backend can update ``memory`` in place."""
+    return (_ext() is not None and memory.device.type == "cpu" and memory.dtype in _MEMORY_DTYPES
+            and (memory.shape[1] <= 1 or memory.stride(1) == 1))
+
+
+def _check_ext(memory: torch.Tensor) -> None:
+    """Why backend='ext' cannot update ``memory`` (a clear error), or nothing."""
+    if _ext() is None:
+        raise RuntimeError("backend='ext' requested but fastmmt._C is not built with the memory update "
+                           "(reinstall with `pip install -e . --no-build-isolation`, or use backend='torch')")
+    if memory.device.type != "cpu":
+        raise ValueError(f"the memory is on {memory.device}: the ext backend runs on CPU tensors "
+                         "(use backend='auto' or 'triton' on CUDA)")
+    if memory.shape[1] > 1 and memory.stride(1) != 1:
+        raise ValueError("the memory must have contiguous rows (stride 1 along features): it is updated in place")
 
 
 def ordered_update_torch_(memory: torch.Tensor, x: torch.Tensor, indexes: torch.Tensor, momentum: float,
@@ -72,6 +104,8 @@ def _update(memory: torch.Tensor, x: torch.Tensor, indexes: torch.Tensor, moment
         x = x.contiguous()
         ones = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
         _kernels().ordered_update_(memory, x, ones, indexes.contiguous(), momentum, hard)
+    elif backend == "ext":
+        _ext().memory_ordered_update_(memory, x, indexes, momentum, hard)
     else:
         ordered_update_torch_(memory, x, indexes, momentum, hard)
 
@@ -137,6 +171,13 @@ def _check_inputs(inputs: torch.Tensor, targets: torch.Tensor, memory: torch.Ten
 
 
 def _memory_backend(backend: str, memory: torch.Tensor, inputs: torch.Tensor) -> str:
+    if backend not in MEMORY_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {MEMORY_BACKENDS}")
+    if backend == "ext":
+        _check_ext(memory)
+        return "ext"
+    if backend == "auto" and _ext_takes(memory):
+        return "ext"
     chosen = resolve_backend(backend, inputs, memory)
     if chosen != "triton":
         return chosen
@@ -159,8 +200,8 @@ def cluster_memory_loss(inputs: torch.Tensor, targets: torch.Tensor, features: t
     """Cluster Contrast's loss: ``cross_entropy(normalize(inputs) features^T / temp, targets)``;
     the backward updates ``features`` (cluster centroids, K x D) in place, ordered per cluster.
 
-    A target outside [0, K) makes the Triton loss NaN (its sample updates nothing); the torch
-    backend's indexing raises.
+    A target outside [0, K) makes the Triton loss NaN (its sample updates nothing); the torch and
+    ext backends' indexing raises.
     """
     _check_inputs(inputs, targets, features, "targets")
     chosen = _memory_backend(backend, features, inputs)
@@ -169,7 +210,7 @@ def cluster_memory_loss(inputs: torch.Tensor, targets: torch.Tensor, features: t
         return _ClusterMemoryTriton.apply(x, targets.contiguous(), features, float(temp), float(momentum),
                                           bool(use_hard))
     x = F.normalize(inputs.to(features.dtype), dim=1)
-    logits = _MemoryProduct.apply(x, targets, features, float(momentum), bool(use_hard), "torch")
+    logits = _MemoryProduct.apply(x, targets, features, float(momentum), bool(use_hard), chosen)
     return F.cross_entropy(logits / temp, targets)
 
 
@@ -185,7 +226,7 @@ def hybrid_memory_loss(inputs: torch.Tensor, indexes: torch.Tensor, features: to
     (``labels``: one per row), softmax over the labels that own a row with the original's epsilons
     (``exp(s) / (sum + 1e-6)``, ``-log(p + 1e-6)``), NLL of ``labels[indexes]``. The backward
     updates rows ``indexes`` of ``features`` in place, ordered per row. ``backend`` picks the update
-    (Triton kernel or torch rounds); the rest is torch.
+    (Triton kernel, extension or torch rounds); the rest is torch.
 
     Label slots: ``labels.max() + 1`` like the original on CPU tensors (a free read there); on CUDA
     one slot per memory row (no host read), so labels must lie in [0, num rows) there (SpCL's do).
