@@ -122,3 +122,44 @@ def test_batch_views_are_the_bits_of_image_by_image_views(erase_p):
     batch = apply_views(torch.stack([shift_view(x, v, spec) for x, v in zip(images, views)]), views, spec)
     assert batch.dtype == torch.float32 and torch.equal(batch, one_by_one)
     assert erase_p == 0.0 or any(v.erase[2] for v in views)  # the erasing path ran
+
+
+SEEDS = [0, 1, 12345, 2**31 - 1, 2**32 - 1, 2**32, 2**32 + 7, 2**40 + 3, 2**62 + 11, 2**63 - 1]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fast_stream_draws_torchs_numbers(seed):
+    """TorchCPUStream gives the numbers torch.Generator().manual_seed(seed) gives, for float64
+    rand, small and >= 2**32 randint ranges, over many more words than one block."""
+    from fastmmt.data.augment import TorchCPUStream
+
+    g, fast = torch.Generator().manual_seed(seed), TorchCPUStream(seed)
+    for i in range(300):
+        if i % 3 == 0:
+            assert fast.rand() == float(torch.rand((), generator=g, dtype=torch.float64))
+        elif i % 3 == 1:
+            n = 1 + i % 41
+            assert fast.randint(n) == int(torch.randint(0, n, (), generator=g))
+        else:
+            n = 2**33 + i
+            assert fast.randint(n) == int(torch.randint(0, n, (), generator=g))
+
+
+def test_fast_streams_interleaved_and_image_views_match_torch():
+    """Two streams drawn in turn each keep their own sequence; image_views (the loaders' draws)
+    equals the views drawn from a torch generator with the same seed, erasing boxes that need
+    many tries included."""
+    from fastmmt.data.augment import AugmentSpec, TorchCPUStream, draw_view, image_views
+
+    a, b = TorchCPUStream(5), TorchCPUStream(6)
+    ga, gb = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+    for _ in range(70):  # past two blocks each
+        assert a.rand() == float(torch.rand((), generator=ga, dtype=torch.float64))
+        assert b.randint(17) == int(torch.randint(0, 17, (), generator=gb))
+    specs = [AugmentSpec(64, 32), AugmentSpec(32, 16, pad=4, erase_p=1.0),
+             AugmentSpec(16, 8, erase_p=1.0, erase_area=(0.3, 0.9), erase_min_aspect=0.1)]  # many failed tries
+    rng = np.random.default_rng(0)
+    for spec in specs:
+        for seed in rng.integers(0, 2**63 - 1, size=200, dtype=np.int64).tolist():
+            g = torch.Generator().manual_seed(seed)
+            assert image_views(spec, seed, 2) == [draw_view(spec, g), draw_view(spec, g)]

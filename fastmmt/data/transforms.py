@@ -100,8 +100,10 @@ def apply_views(shifted: torch.Tensor, views: Sequence[ViewDraw], spec: AugmentS
     """A batch of :func:`apply_view`: ``shifted`` (Bx3xHxW uint8, each image's :func:`shift_view`)
     normalised in one pass, then each image's box erased. The same bits as image by image."""
     out = normalize(shifted, spec.mean, spec.std)
-    for i, view in enumerate(views):
-        erase_(out[i], view, spec)
+    arr, fill = out.numpy(), np.asarray(spec.erase_fill, dtype=np.float32)[:, None, None]
+    for i, (_, _, _, (top, left, h, w)) in enumerate(views):
+        if h:
+            arr[i, :, top:top + h, left:left + w] = fill
     return out
 
 
