@@ -344,16 +344,8 @@ def test_cuda_triton_reads_nothing_on_the_host(gen, device):
 def test_memory_kernels_compile_for_sm90():
     """The GPU path (no GPU here) is at least built: kernels/aot.py's real Triton compiler turns the
     three memory kernels into sm_90 cubins, in a process without the interpreter."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from aot_compile import compile_for_sm90
 
     names = ("cluster_memory_fwd", "cluster_memory_bwd", "ordered_update[hard=False]", "ordered_update[hard=True]")
-    code = ("import json; from fastmmt.kernels.aot import compile_all; "
-            f"print(json.dumps(compile_all(90, ('float32',), {names!r})))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sizes = json.loads(proc.stdout.strip().splitlines()[-1])
+    sizes = compile_for_sm90(names, timeout=600)
     assert sorted(sizes) == sorted(f"{n}[float32]" for n in names) and all(v > 0 for v in sizes.values())

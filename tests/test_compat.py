@@ -561,17 +561,10 @@ def test_mmt_style_loop_runs_unchanged_after_the_import_swap(device, tol, auto_r
 def test_compat_kernels_compile_for_sm90():
     """The kernel variants only the compat modules launch (hinge margin, constant soft weight, the
     classification term alone) go through Triton's real compiler to an sm_90 cubin."""
-    import json
-    import os
-    import subprocess
+    from aot_compile import compile_for_sm90
 
     only = ("triplet_fwd[teacher=False,hinge=True]", "triplet_fwd[teacher=False]",
             "logits_fwd[teacher=False,labels=True]", "logits_bwd[teacher=False,labels=True]")
-    code = ("import json; from fastmmt.kernels.aot import compile_all; "
-            f"print(json.dumps(compile_all(90, ('float32',), {only!r})))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sizes = json.loads(proc.stdout.strip().splitlines()[-1])
+    sizes = compile_for_sm90(only, timeout=1200)
     assert sorted(sizes) == sorted(f"{k}[float32]" for k in only)
     assert all(size > 0 for size in sizes.values())

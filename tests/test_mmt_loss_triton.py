@@ -7,14 +7,10 @@ reference entry (conftest says why CUDA's are wider).
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from aot_compile import compile_for_sm90
 from fastmmt.ops import MMTLoss, mmt_loss
 
 
@@ -86,19 +82,9 @@ _MMT_KERNELS = ("triplet_fwd[teacher=True]", "triplet_bwd", "logits_fwd[teacher=
                 "logits_bwd[teacher=True,labels=True]")
 
 
-def _compile_for_sm90(dtypes: tuple[str, ...], only: tuple[str, ...] | None) -> dict[str, int]:
-    """Run kernels/aot.py's real Triton compiler (sm_90 cubin) in a process without the interpreter."""
-    code = ("import json; from fastmmt.kernels.aot import compile_all; "
-            f"print(json.dumps(compile_all(90, {dtypes!r}, {only!r})))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_mmt_kernels_compile_for_sm90():
     """The GPU path of the kernels mmt_loss launches is compiled (not just interpreted) to a cubin."""
-    sizes = _compile_for_sm90(("float32",), _MMT_KERNELS)
+    sizes = compile_for_sm90(_MMT_KERNELS)
     assert sorted(sizes) == sorted(f"{k}[float32]" for k in _MMT_KERNELS)
     assert all(size > 0 for size in sizes.values())
 
@@ -163,7 +149,7 @@ def test_every_kernel_compiles_for_sm90_in_every_dtype():
     from fastmmt.kernels import aot
 
     dtypes = ("float32", "bfloat16", "float16")
-    sizes = _compile_for_sm90(dtypes, None)
+    sizes = compile_for_sm90(None, dtypes=dtypes)
     # every spec in every dtype (which specs: exactly the launched variants, checked above)
     assert sorted(sizes) == sorted(f"{name}[{dt}]" for dt in dtypes for name, *_ in aot._specs(dt))
     assert all(size > 0 for size in sizes.values())
