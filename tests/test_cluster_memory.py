@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from fastmmt.ops import ClusterMemory, cluster_memory_loss
-from memory_backends import BACKENDS, EXT_BUILT, EXT_SKIP, FLOAT64_BACKENDS, device_for
+from memory_backends import (BACKENDS, EXT_BUILT, EXT_SKIP, FLOAT64_BACKENDS, GRAD_TOL, LOSS_TOL, MEM_TOL,
+                             assert_step_matches_reference, device_for)
 from memory_reference import cluster_memory_ref, cm_hard_update_ref, cm_update_ref
 
-# float32 kernels against float64: loss relative, gradient relative to the largest entry, memory absolute
-LOSS_TOL, GRAD_TOL, MEM_TOL = 2e-5, 1e-4, 2e-5
 D, K = 40, 37  # D is not a multiple of the D block; K spans two memory blocks under the interpreter
 
 CASES = {
@@ -55,13 +54,8 @@ def _steps(targets_list, gen, device, backend, use_hard, dtype=torch.float32, n_
             xd = big.to(device)[:, ::2].detach().requires_grad_()
         loss = cluster_memory_loss(xd, targets.to(device), mem, temp, momentum, use_hard, backend=backend)
         loss.backward()
-        assert loss.dtype == torch.float32 and xd.grad.dtype == dtype
-        assert torch.allclose(loss.double().cpu(), ref.detach(), rtol=LOSS_TOL, atol=0)
-        grad_tol = GRAD_TOL if dtype == torch.float32 else 1e-2
-        err = (xd.grad.double().cpu() - gref).abs().max() / gref.abs().max()
-        assert err < grad_tol, f"gradient error {err:.2e}"
+        assert_step_matches_reference(loss, xd.grad, mem, dtype, ref, gref, mem64)
         assert torch.allclose(x64.grad, gref, rtol=1e-10, atol=1e-12)  # the transcription's own gradient
-        assert (mem.double().cpu() - mem64).abs().max() < MEM_TOL
     return mem, mem64
 
 

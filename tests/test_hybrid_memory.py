@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from fastmmt.ops import HybridMemory, hybrid_memory_loss
-from memory_backends import BACKENDS, device_for
+from memory_backends import BACKENDS, LOSS_TOL, MEM_TOL, assert_step_matches_reference, device_for
 from memory_reference import hybrid_memory_ref
 
-LOSS_TOL, GRAD_TOL, MEM_TOL = 2e-5, 1e-4, 2e-5
 D, N_SOURCE, N_TARGET = 24, 5, 30
 N = N_SOURCE + N_TARGET
 
@@ -50,12 +49,7 @@ def _check(indexes_list, gen, device, backend, n_steps=3, dtype=torch.float32, n
         xd = (big.to(device)[:, ::2] if noncontig else x.to(device)).detach().requires_grad_()
         loss = hybrid_memory_loss(xd, indexes.to(device), mem, labels.to(device), backend=backend)
         loss.backward()
-        assert loss.dtype == torch.float32 and xd.grad.dtype == dtype
-        assert torch.allclose(loss.double().cpu(), ref.detach(), rtol=LOSS_TOL, atol=0)
-        grad_tol = GRAD_TOL if dtype == torch.float32 else 1e-2
-        err = (xd.grad.double().cpu() - gref).abs().max() / gref.abs().max()
-        assert err < grad_tol, f"gradient error {err:.2e}"
-        assert (mem.double().cpu() - mem64).abs().max() < MEM_TOL
+        assert_step_matches_reference(loss, xd.grad, mem, dtype, ref, gref, mem64)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
