@@ -34,40 +34,33 @@ def cm_hard_update_ref(features, inputs, targets, momentum):
         features[index] /= features[index].norm()
 
 
-class CMRef(autograd.Function):
-    """inputs @ features^T; backward: grad @ features, then the per-sample momentum update."""
+def _memory_product(update, doc: str) -> type[autograd.Function]:
+    """The originals' CM / CM_Hard: ``inputs @ features^T``; backward ``grad @ features``, then
+    ``update`` of the features in place (the two differ only there)."""
 
-    @staticmethod
-    def forward(ctx, inputs, targets, features, momentum):
-        ctx.features = features
-        ctx.momentum = momentum
-        ctx.save_for_backward(inputs, targets)
-        return inputs.mm(ctx.features.t())
+    class MemoryProduct(autograd.Function):
+        @staticmethod
+        def forward(ctx, inputs, targets, features, momentum):
+            ctx.features = features
+            ctx.momentum = momentum
+            ctx.save_for_backward(inputs, targets)
+            return inputs.mm(ctx.features.t())
 
-    @staticmethod
-    def backward(ctx, grad_outputs):
-        inputs, targets = ctx.saved_tensors
-        grad_inputs = grad_outputs.mm(ctx.features) if ctx.needs_input_grad[0] else None
-        cm_update_ref(ctx.features, inputs, targets, ctx.momentum)
-        return grad_inputs, None, None, None
+        @staticmethod
+        def backward(ctx, grad_outputs):
+            inputs, targets = ctx.saved_tensors
+            grad_inputs = grad_outputs.mm(ctx.features) if ctx.needs_input_grad[0] else None
+            update(ctx.features, inputs, targets, ctx.momentum)
+            return grad_inputs, None, None, None
+
+    MemoryProduct.__doc__ = doc
+    return MemoryProduct
 
 
-class CMHardRef(autograd.Function):
-    """As CMRef; the update: per cluster, once, with the sample of the lowest similarity."""
-
-    @staticmethod
-    def forward(ctx, inputs, targets, features, momentum):
-        ctx.features = features
-        ctx.momentum = momentum
-        ctx.save_for_backward(inputs, targets)
-        return inputs.mm(ctx.features.t())
-
-    @staticmethod
-    def backward(ctx, grad_outputs):
-        inputs, targets = ctx.saved_tensors
-        grad_inputs = grad_outputs.mm(ctx.features) if ctx.needs_input_grad[0] else None
-        cm_hard_update_ref(ctx.features, inputs, targets, ctx.momentum)
-        return grad_inputs, None, None, None
+CMRef = _memory_product(cm_update_ref, "inputs @ features^T; backward: grad @ features, then the per-sample "
+                                       "momentum update.")
+CMHardRef = _memory_product(cm_hard_update_ref, "As CMRef; the update: per cluster, once, with the sample of "
+                                                "the lowest similarity.")
 
 
 def cluster_memory_ref(inputs, targets, features, temp=0.05, momentum=0.2, use_hard=False):
