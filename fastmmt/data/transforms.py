@@ -24,7 +24,7 @@ from fastmmt.data.augment import (
 )
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TestTransform", "TrainTransform", "apply_view", "apply_views",
-           "as_uint8", "erase_", "normalize", "resize_to_tensor", "shift_view"]
+           "as_uint8", "normalize", "resize_to_tensor", "shift_view"]
 
 
 def resize_to_tensor(img: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -82,18 +82,10 @@ def shift_view(x: torch.Tensor, view: ViewDraw, spec: AugmentSpec) -> torch.Tens
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def erase_(out: torch.Tensor, view: ViewDraw, spec: AugmentSpec) -> torch.Tensor:
-    """Write ``spec.erase_fill`` into ``view``'s erasing box of the normalised 3xHxW ``out``."""
-    top, left, h, w = view.erase
-    if h:
-        out[:, top:top + h, left:left + w] = torch.tensor(spec.erase_fill, dtype=out.dtype).view(-1, 1, 1)
-    return out
-
-
 def apply_view(x: torch.Tensor, view: ViewDraw, spec: AugmentSpec) -> torch.Tensor:
     """The view ``view`` of a resized 3xHxW uint8 image: flip, zero pad + crop, normalise,
     erase (``spec.erase_fill`` written into the normalised tensor); float32 3xHxW."""
-    return erase_(normalize(shift_view(x, view, spec), spec.mean, spec.std), view, spec)
+    return apply_views(shift_view(x, view, spec)[None], [view], spec)[0]
 
 
 def apply_views(shifted: torch.Tensor, views: Sequence[ViewDraw], spec: AugmentSpec) -> torch.Tensor:
