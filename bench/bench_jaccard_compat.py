@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -53,8 +54,6 @@ def features(n: int, d: int = 2048, seed: int = 0, chunk: int = 4096) -> torch.T
 def prepare(impl: str):
     """The function to time, its modules imported (their memory is not the algorithm's)."""
     if impl == "original":
-        import faiss
-
         sys.path.insert(0, str(ROOT / "tests"))
         from memory_reference import jaccard_ref
 
@@ -86,8 +85,9 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def measure(impl: str, n: int, save: str | None = None) -> dict:
-    torch.set_num_threads(1)
+def measure(impl: str, n: int, save: str | None = None, threads: int = 1) -> dict:
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
     run = prepare(impl)
     x = features(n)
     base = _rss_gb()
@@ -149,5 +149,6 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=12_936)
     parser.add_argument("--save")
     parser.add_argument("--compare", nargs=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch and FAISS threads, both sides alike")
     args = parser.parse_args()
-    print(json.dumps(compare(*args.compare) if args.compare else measure(args.impl, args.n, args.save)))
+    print(json.dumps(compare(*args.compare) if args.compare else measure(args.impl, args.n, args.save, args.threads)))
