@@ -3,6 +3,7 @@ better one (the official per-epoch figure), the official seeds' range and where 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,48 @@ def test_table_best_of_the_teachers(sbs):
 def test_table_a_mean_on_the_range_edge_is_in(sbs):
     res = {"official": {1: [[0.10, 0.10]], 2: [[0.12, 0.12]]}, "fastmmt": {1: [[0.12, 0.12]]}}
     assert _row(sbs.table(res, 1, "mean"))[-1] == "in"
+
+
+def test_official_losses_read_the_epoch_lines_and_sum_the_students(sbs, tmp_path):
+    # the official trainer's line format (tab-separated); mid-epoch lines are not epoch averages
+    line = ("Epoch: [{e}][{i}/20]\tTime 1.6 (1.6)\tData 0.03 (0.03)\tLoss_ce {a} / {b}\tLoss_tri {c} / {d}\t"
+            "Loss_ce_soft {s}\tLoss_tri_soft {t}\tPrec 0.47% / 0.63%\t")
+    (tmp_path / "log.txt").write_text("\n".join([
+        "==> Create pseudo labels for unlabeled data",
+        line.format(e=0, i=10, a=9.0, b=9.0, c=9.0, d=9.0, s=9.0, t=9.0),
+        line.format(e=0, i=20, a=4.755, b=4.722, c=1.462, d=1.289, s=9.541, t=1.679),
+        " * Finished epoch   0  model no.1 mAP: 6.6%  model no.2 mAP: 7.0%  best: 7.0%",
+        line.format(e=1, i=20, a=4.5, b=4.25, c=1.5, d=1.25, s=9.125, t=1.75)]) + "\n")
+    got = sbs.official_losses(tmp_path)
+    assert got == [pytest.approx({"ce": 9.477, "tri": 2.751, "soft_ce": 9.541, "soft_tri": 1.679}),
+                   pytest.approx({"ce": 8.75, "tri": 2.75, "soft_ce": 9.125, "soft_tri": 1.75})]
+
+
+def test_fastmmt_losses_read_the_epoch_records_in_epoch_order(sbs, tmp_path):
+    (tmp_path / "kmeans").mkdir()
+    rec = lambda e, x: {"stage": "kmeans", "epoch": e, "loss_ce": x, "loss_tri": x + 1, "loss_soft_ce": x + 2,
+                        "loss_soft_tri": x + 3, "mAP": 0.1}
+    lines = [{"event": "start"}, rec(1, 20.0), rec(0, 10.0), {**rec(1, 99.0), "final": True}]
+    (tmp_path / "kmeans" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert sbs.fastmmt_losses(tmp_path) == [{"ce": 10.0, "tri": 11.0, "soft_ce": 12.0, "soft_tri": 13.0},
+                                            {"ce": 20.0, "tri": 21.0, "soft_ce": 22.0, "soft_tri": 23.0}]
+
+
+def test_loss_table_row(sbs):
+    run = lambda x: [{"ce": x, "tri": x, "soft_ce": x, "soft_tri": x}]
+    losses = {"official": {1: run(9.0), 2: run(9.2)}, "fastmmt": {1: run(9.3), 2: run(9.3)}}
+    rows = [r.split() for r in sbs.loss_table(losses, 1).splitlines()[1:]]
+    # official 9.1 +- 0.141, fastmmt 9.3 +- 0; z = 0.2 / sqrt(0.02 / 2) = 2
+    assert [r[0] for r in rows] == list(sbs.LOSSES)
+    assert rows[0] == ["ce", "0", "9.100", "+-", "0.14", "9.300", "+-", "0.00", "+0.200", "2.00"]
+
+
+def test_teacher_spread_and_its_permutation_p(sbs):
+    # per run mean |T1 - T2| in mAP %: official 1 and 1, fastmmt 3 and 3 (epochs 2 and 4 -> 3);
+    # of the 6 ways to pick 2 of the 4 runs, only fastmmt's own pair gives a difference >= +2
+    res = {"official": {1: [[0.10, 0.11]], 2: [[0.12, 0.11]]},
+           "fastmmt": {1: [[0.10, 0.13]], 2: [[0.10, 0.12], [0.10, 0.14]]}}
+    lines = sbs.teacher_spread(res).splitlines()
+    assert lines[0].split() == ["official:", "1.00", "1.00", "mean", "1.00"]
+    assert lines[1].split() == ["fastmmt:", "3.00", "3.00", "mean", "3.00"]
+    assert lines[2] == "fastmmt - official +2.00, permutation p (fastmmt larger) 0.167"

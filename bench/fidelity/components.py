@@ -126,7 +126,7 @@ def cmd_sampler(a) -> None:
     print(f"{len(labels)} images, k = {a.k}: cluster sizes min {min(sizes.values())} max {max(sizes.values())}, "
           f"singletons {sum(v == 1 for v in sizes.values())}, clusters in one camera only "
           f"{sum(len(set(cams[labels == c])) == 1 for c in sizes)}")
-    b, kk, iters = a.batch, 4, a.iters
+    b, kk, iters = a.batch, a.instances, a.iters
 
     def stats(batches: list[np.ndarray]) -> dict:
         ids = [len(set(labels[bt])) for bt in batches]
@@ -294,11 +294,11 @@ def cmd_step(a) -> None:
     for n in students + teachers:
         n.train()
     gen = torch.Generator().manual_seed(1)
-    p_ids = b // 4
+    p_ids = b // a.instances
     for step in range(a.steps):
         x1 = torch.randn(b, 3, a.height, a.width, generator=gen, dtype=torch.float64).to(dt)
         x2 = torch.randn(b, 3, a.height, a.width, generator=gen, dtype=torch.float64).to(dt)
-        y = torch.randint(k, (p_ids,), generator=gen).repeat_interleave(4)
+        y = torch.randint(k, (p_ids,), generator=gen).repeat_interleave(a.instances)
 
         class One:
             def next(self):
@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--k", type=int, default=120)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--instances", type=int, default=4, help="sampler, step: images per identity (K)")
     p.add_argument("--iters", type=int, default=400, help="sampler: batches in the epoch")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--images", type=int, default=256, help="augment: images")

@@ -11,7 +11,9 @@
    both evaluating both mean teachers after every epoch.
 4. Two tables: per epoch, each side's mAP as mean +- sd over the seeds and the difference
    fastmmt - official, with each run's two teachers reduced (a) to their mean and (b) to the
-   better of the two (the official code's per-epoch figure). Also written as ``WORK/summary.json``.
+   better of the two (the official code's per-epoch figure). Then each side's training losses per
+   epoch (both students' summed, as both codes log them) and how far a run's two teachers lie
+   apart. Also written as ``WORK/summary.json``.
 
 Steps whose outputs exist are not run again (delete the folder to redo one). Every process runs
 alone, with the thread count of ``OMP_NUM_THREADS``. README.md beside this file has the set-up.
@@ -19,9 +21,11 @@ alone, with the thread count of ``OMP_NUM_THREADS``. README.md beside this file 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -152,9 +156,14 @@ def official_mmt(args: argparse.Namespace, data: Path, inits: list[Path], out: P
     return [[per_epoch[2 * e]["mAP"], per_epoch[2 * e + 1]["mAP"]] for e in range(args.epochs)]
 
 
+def fastmmt_log(out: Path) -> Path:
+    """The epoch records of a fastmmt run (``fastmmt adapt`` writes under OUT/METHOD)."""
+    return out / "kmeans" / "log.jsonl"
+
+
 def fastmmt_mmt(args: argparse.Namespace, data: Path, inits: list[Path], out: Path, seed: int) -> list[list[float]]:
     """Per epoch [T1 mAP, T2 mAP] of one fastmmt run."""
-    log = out / "kmeans" / "log.jsonl"  # fastmmt adapt writes under OUT/METHOD
+    log = fastmmt_log(out)
     if not (out / "done").exists():
         sets = {"data.target": "market1501", "data.target_root": str(data / "market1501"),
                 "data.source": "dukemtmc", "data.source_root": str(data / "dukemtmc"),
@@ -180,6 +189,73 @@ def fastmmt_mmt(args: argparse.Namespace, data: Path, inits: list[Path], out: Pa
     recs = [json.loads(x) for x in log.read_text().splitlines()]
     recs = [r for r in recs if "epoch" in r and "mAP" in r and not r.get("final")]
     return [[r["mAP"], r["T2_mAP"]] for r in sorted(recs, key=lambda r: r["epoch"])]
+
+
+# The training losses both codes log per epoch, as epoch averages: both students' cross-entropy and
+# triplet losses summed, and the two soft losses (already sums over the two students).
+LOSSES = ("ce", "tri", "soft_ce", "soft_tri")
+_OFFICIAL_EPOCH_LINE = re.compile(r"Epoch: \[(\d+)\]\[(\d+)/\2\].*?Loss_ce ([\d.]+) / ([\d.]+)\s+Loss_tri ([\d.]+) / "
+                                  r"([\d.]+)\s+Loss_ce_soft ([\d.]+)\s+Loss_tri_soft ([\d.]+)")
+
+
+def official_losses(out: Path) -> list[dict[str, float]]:
+    """Per epoch, the official run's epoch-average losses: the line its trainer prints after an
+    epoch's last iteration (``--print-freq`` = iterations, so the meters hold the epoch's averages)."""
+    rows = []
+    for line in (out / "log.txt").read_text().splitlines():
+        m = _OFFICIAL_EPOCH_LINE.search(line)
+        if m:
+            ce1, ce2, tri1, tri2, sce, stri = map(float, m.groups()[2:])
+            rows.append({"ce": ce1 + ce2, "tri": tri1 + tri2, "soft_ce": sce, "soft_tri": stri})
+    return rows
+
+
+def fastmmt_losses(out: Path) -> list[dict[str, float]]:
+    """Per epoch, the fastmmt run's epoch-average losses from its ``log.jsonl``."""
+    recs = [json.loads(x) for x in fastmmt_log(out).read_text().splitlines()]
+    recs = sorted((r for r in recs if "epoch" in r and "loss_ce" in r and not r.get("final")), key=lambda r: r["epoch"])
+    return [{k: r[f"loss_{k}"] for k in LOSSES} for r in recs]
+
+
+def loss_table(losses: dict[str, dict[int, list[dict[str, float]]]], epochs: int) -> str:
+    """Per loss and epoch: each side's mean over seeds, the difference fastmmt - official and its z."""
+    lines = [f"{'loss':>8} {'epoch':>5} {'official':>16} {'fastmmt':>16} {'diff':>7} {'z':>6}"]
+    for name in LOSSES:
+        for e in range(epochs):
+            stats = {}
+            for side in ("official", "fastmmt"):
+                vals = [run[e][name] for run in losses.get(side, {}).values() if len(run) > e]
+                if vals:
+                    stats[side] = (*mean_sd(vals), len(vals))
+            if len(stats) < 2:
+                continue
+            (m1, s1, n1), (m2, s2, n2) = stats["official"], stats["fastmmt"]
+            se = math.sqrt((s1 ** 2 / n1 if n1 > 1 else 0) + (s2 ** 2 / n2 if n2 > 1 else 0))
+            z = f"{(m2 - m1) / se:6.2f}" if se > 0 else ""
+            lines.append(f"{name:>8} {e:5d} {m1:9.3f} +- {s1:4.2f} {m2:9.3f} +- {s2:4.2f} {m2 - m1:+7.3f} {z:>6}")
+    return "\n".join(lines)
+
+
+def teacher_spread(results: dict[str, dict[int, list[list[float]]]]) -> str:
+    """Per run, the mean over epochs of |T1 - T2| (mAP %), each side's mean, and the exact
+    permutation p of a difference at least as large as fastmmt - official (one-sided, fastmmt
+    larger): the spread lifts the better-teacher reading and not the mean of the two."""
+    per_run = {side: [sum(abs(a - b) for a, b in runs[s]) / len(runs[s]) * 100 for s in sorted(runs)]
+               for side, runs in results.items()}
+    lines = [f"{side:>9}: " + " ".join(f"{v:.2f}" for v in vals) + f"  mean {sum(vals) / len(vals):.2f}"
+             for side, vals in per_run.items() if vals]
+    if all(per_run.get(side) for side in ("official", "fastmmt")):
+        o, f = per_run["official"], per_run["fastmmt"]
+        pooled, observed = o + f, sum(f) / len(f) - sum(o) / len(o)
+        diffs = []
+        for pick in itertools.combinations(range(len(pooled)), len(f)):
+            chosen = set(pick)
+            a = [v for i, v in enumerate(pooled) if i in chosen]
+            b = [v for i, v in enumerate(pooled) if i not in chosen]
+            diffs.append(sum(a) / len(a) - sum(b) / len(b))
+        p = sum(d >= observed - 1e-12 for d in diffs) / len(diffs)
+        lines.append(f"fastmmt - official {observed:+.2f}, permutation p (fastmmt larger) {p:.3f}")
+    return "\n".join(lines)
 
 
 def mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -240,11 +316,18 @@ def main(argv: list[str] | None = None) -> None:
                 continue  # a side not asked for is shown only where its runs exist
             results.setdefault(side, {})[seed] = fn(args, data, inits, work / folder / f"seed{seed}", seed)
             print(table(results, args.epochs, "best"), flush=True)
-    summary = {"args": vars(args), "mAP_T1_T2_per_epoch": results}
+    losses = {side: {seed: (official_losses if side == "official" else fastmmt_losses)(
+                  work / ("official" if side == "official" else args.fastmmt_name) / f"seed{seed}")
+                  for seed in runs} for side, runs in results.items()}
+    summary = {"args": vars(args), "mAP_T1_T2_per_epoch": results, "losses_per_epoch": losses}
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     for of, what in (("mean", "the mean of the two mean teachers"),
                      ("best", "the better of the two mean teachers (the official per-epoch figure)")):
         print(f"\nmAP (%) on the target test set, {what}, mean +- sd over seeds:\n{table(results, args.epochs, of)}")
+    print(f"\nTraining losses, epoch averages (both students summed), mean +- sd over seeds:\n"
+          f"{loss_table(losses, args.epochs)}")
+    print(f"\nHow far a run's two teachers lie apart, mean over epochs of |T1 - T2| (mAP %), per seed:\n"
+          f"{teacher_spread(results)}")
     print(f"(written to {work / 'summary.json'})")
 
 
