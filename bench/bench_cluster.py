@@ -1,8 +1,6 @@
 """Clustering benchmarks at Market-1501 target size (12,936 x 2048) on this CPU.
 
 pytest-benchmark (``bash scripts/dev.sh bench bench/bench_cluster.py``):
-- the exact k-NN search (k = 21), backends ``ext`` (C++ selection) and ``faiss`` (FAISS's heaps) vs
-  plain torch (every pair's distance, row blocks, ``torch.topk``), with neighbour agreement;
 - FAISS k-means (fastmmt, with its default 1 restart / 100 iterations and with the official
   recipe's 10 restarts / 300 iterations) vs scikit-learn KMeans(k-means++, n_init=10), k = 500,
   with inertia and NMI to the generating blobs;
@@ -287,42 +285,6 @@ RESULTS: dict = {}
 @pytest.fixture(scope="module")
 def market():
     return blobs(MARKET_N)
-
-
-KNN_K = 21  # k1 + 1 at k1 = 20, self included
-
-
-def knn_torch_reference(x: np.ndarray, k: int, rows: int = 1024) -> np.ndarray:
-    """Plain torch: each row block's distances to every point (both halves of the symmetric
-    matrix), ``torch.topk``; ids (N, k)."""
-    t = torch.from_numpy(x)
-    norms = (t * t).sum(1)
-    out = [torch.topk(norms[s:s + rows, None] + norms[None] - 2.0 * (t[s:s + rows] @ t.T), k, largest=False).indices
-           for s in range(0, len(t), rows)]
-    return torch.cat(out).numpy()
-
-
-def test_knn_torch_reference(benchmark, market):
-    x, _ = market
-    ids = benchmark.pedantic(lambda: knn_torch_reference(x, KNN_K), rounds=2, iterations=1)
-    RESULTS["knn_reference"] = {"seconds": benchmark.stats.stats.median, "ids": ids}
-    benchmark.extra_info.update(threads=torch.get_num_threads())
-
-
-@pytest.mark.parametrize("backend", ["faiss", "ext"])
-def test_knn_exact(benchmark, market, backend):
-    from fastmmt.cluster.knn import _strip_select, knn_exact
-    if backend == "ext" and _strip_select() is None:
-        pytest.skip("fastmmt._C is not built with knn_strip_select_")
-    x, _ = market
-    t = torch.from_numpy(x)
-    nb = benchmark.pedantic(lambda: knn_exact(t, KNN_K, backend=backend), rounds=2, iterations=1)
-    info = {"threads": torch.get_num_threads(), "seconds": benchmark.stats.stats.median}
-    ref = RESULTS.get("knn_reference")
-    if ref:
-        same = [set(a) == set(b) for a, b in zip(nb.ids, ref["ids"])]
-        info.update(speedup_vs_torch_topk=ref["seconds"] / info["seconds"], rows_same_neighbours=float(np.mean(same)))
-    benchmark.extra_info.update(info)
 
 
 def test_kmeans_sklearn_reference(benchmark, market):

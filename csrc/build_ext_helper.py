@@ -1,7 +1,7 @@
 """Build recipe for the optional extension ``fastmmt._C`` (imported by setup.py).
 
-Always builds the C++ CPU path (``ema.cpp``, ``memory.cpp``, ``knn.cpp``). Adds the CUDA path
-(``ema_cuda_binding.cpp`` + ``ema_kernel.cu``) when torch was built with CUDA and an nvcc of the same CUDA major version is
+Always builds the C++ CPU path (``ema.cpp``, ``memory.cpp``). Adds the CUDA path (``ema_cuda_binding.cpp`` +
+``ema_kernel.cu``) when torch was built with CUDA and an nvcc of the same CUDA major version is
 found; ``FASTMMT_CUDA=0`` / ``=1`` forces it off / on. When the CUDA path is skipped or its build
 fails, one line says why and the CPU-only extension is built; a failing CPU build prints a
 warning: the package then installs without ``fastmmt._C`` and ``fastmmt.ops`` uses
@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 NAME = "fastmmt._C"
-CPU_SOURCES = ["csrc/ema.cpp", "csrc/memory.cpp", "csrc/knn.cpp"]
+CPU_SOURCES = ["csrc/ema.cpp", "csrc/memory.cpp"]
 CUDA_SOURCES = ["csrc/ema_cuda_binding.cpp", "csrc/ema_kernel.cu"]
 # -fopenmp in compile AND link flags, else at::parallel_for runs on one thread.
 # No -std: torch's BuildExtension picks the standard its headers need (C++20 for torch 2.13).

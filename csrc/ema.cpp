@@ -16,7 +16,6 @@
 #include <vector>
 
 #include "ema.h"
-#include "knn.h"
 #include "memory.h"
 
 namespace fastmmt {
@@ -156,7 +155,7 @@ void ema_update_(const std::vector<at::Tensor>& teacher, const std::vector<at::T
 }  // namespace fastmmt
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastmmt multi-tensor EMA (mean-teacher) update, memory-bank ordered update, k-NN strip selection";
+  m.doc() = "fastmmt multi-tensor EMA (mean-teacher) update and memory-bank ordered update";
   m.def("ema_update_", &fastmmt::ema_update_, pybind11::arg("teacher_tensors"),
         pybind11::arg("student_tensors"), pybind11::arg("alpha"),
         "teacher <- alpha*teacher + (1-alpha)*student for every pair, in place (fp32 arithmetic). "
@@ -166,10 +165,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("hard") = false,
         "CPU, in place: memory[indexes[j]] <- m c + (1-m) x_j, c <- c/|c|, per row in batch order "
         "(hard: once per row, its least similar sample). Validates all inputs before writing.");
-  m.def("knn_strip_select_", &fastmmt::knn_strip_select_, pybind11::arg("d2"), pybind11::arg("first"),
-        pybind11::arg("heap_val"), pybind11::arg("heap_ids"), pybind11::arg("row_max"),
-        "CPU, in place: one strip of squared distances (points first..first+b against first..first+m) "
-        "into the top-k max-heaps of its rows and of the later points, and their row maxima.");
   m.def("has_cuda", &fastmmt::cuda_built, "True when this build contains the CUDA kernel.");
   m.def("num_threads", &at::get_num_threads, "Threads at::parallel_for uses for the CPU path.");
 }

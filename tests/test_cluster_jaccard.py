@@ -6,7 +6,6 @@ import torch
 from fastmmt.cluster import ClusterError, SparseJaccard, k_reciprocal_jaccard
 from fastmmt.cluster.encoding import encode, query_expand
 from fastmmt.cluster.jaccard import feature_pair_distance, jaccard_rows
-from fastmmt.cluster import knn as knn_module
 from fastmmt.cluster.knn import knn_exact, knn_hnsw, pair_sq_distances, sq_norms
 from test_cluster_reference import (_hand_case, dense_encoding, dense_jaccard,
                                     dense_sq_euclidean)
@@ -93,20 +92,13 @@ def test_jaccard_on_cuda_features_runs_on_the_gpu_and_matches(data, monkeypatch)
     assert np.abs(out - ref).max() < 1e-3  # the float32 CPU test's bound
 
 
-EXT_KNN = pytest.mark.skipif(knn_module._strip_select() is None,
-                             reason="fastmmt._C is not built with knn_strip_select_ (`pip install -e .`)")
-KNN_CASES = [(torch.float64, "torch"), (torch.float32, "torch"), (torch.float32, "faiss"),
-             pytest.param(torch.float32, "ext", marks=EXT_KNN)]
-
-
 @pytest.mark.parametrize("k,block", [(21, 64), (40, 16), (180, 64), (1, 1000)])
-@pytest.mark.parametrize("dtype,backend", KNN_CASES)
-def test_knn_exact_matches_sort(data, k, block, dtype, backend):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_knn_exact_matches_sort(data, k, block, dtype):
     """Blocks narrower than k, k = N and a single block: the symmetric strips and their merge;
-    float32 CPU strips from FAISS's pairwise_L2sqr selected in C++ (ext) or FAISS's heaps, torch's
-    matmul, top-k and merges otherwise."""
+    float32 goes through FAISS's pairwise_L2sqr, float64 through torch."""
     x, _ = data
-    nb = knn_exact(torch.from_numpy(x).to(dtype), k, block=block, backend=backend)
+    nb = knn_exact(torch.from_numpy(x).to(dtype), k, block=block)
     d = dense_sq_euclidean(torch.from_numpy(x).to(dtype).numpy())
     tol = 1e-12 if dtype == torch.float64 else 1e-6
     if dtype == torch.float64:
@@ -191,59 +183,3 @@ def test_knn_exact_float32_strided_features(data):
     ref = knn_exact(torch.from_numpy(x).float().contiguous(), 21, block=64)
     np.testing.assert_array_equal(nb.ids, ref.ids)
     np.testing.assert_array_equal(nb.dist, ref.dist)
-
-
-@EXT_KNN
-@pytest.mark.parametrize("block", [7, 64, 1000])
-def test_knn_ext_selection_equals_faiss_heaps(block):
-    """The C++ selection and FAISS's heaps read the same strips: the same neighbours, distances and
-    row maxima; with exact duplicates (ties at 0 and at the k-th distance) the same distances, ids
-    that are truly among the k nearest, a point's copies before every other point."""
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((300, 16)).astype(np.float32)
-    a = knn_exact(torch.from_numpy(x), 12, block=block, backend="ext")
-    b = knn_exact(torch.from_numpy(x), 12, block=block, backend="faiss")
-    np.testing.assert_array_equal(a.ids, b.ids)
-    np.testing.assert_array_equal(a.dist, b.dist)
-    np.testing.assert_array_equal(a.row_max, b.row_max)
-    dup = np.repeat(x[:60], 5, axis=0)  # every point 5 times: 4 ties at distance 0
-    a = knn_exact(torch.from_numpy(dup), 7, block=block, backend="ext")
-    b = knn_exact(torch.from_numpy(dup), 7, block=block, backend="faiss")
-    np.testing.assert_array_equal(a.dist, b.dist)
-    d = dense_sq_euclidean(dup.astype(np.float64))
-    np.testing.assert_allclose(np.take_along_axis(d, a.ids, axis=1), np.sort(d, axis=1)[:, :7], rtol=0, atol=1e-5)
-    # the 5 copies first (0 up to the float32 rounding of |a|^2 + |b|^2 - 2ab), then other points
-    np.testing.assert_array_equal(a.ids[:, :5] // 5, np.repeat(np.arange(300) // 5, 5).reshape(300, 5))
-    assert np.all(a.dist[:, :5] < 1e-4) and np.all(a.dist[:, 5:] > 1e-2)
-    assert all(len(set(r)) == 7 for r in a.ids)  # no id twice
-
-
-def test_knn_backend_choice_and_errors(data, monkeypatch):
-    x32, x64 = torch.from_numpy(data[0]).float(), torch.from_numpy(data[0])
-    built = knn_module._strip_select() is not None
-    assert knn_module.resolve_knn_backend(x32, "auto") == ("ext" if built else "faiss")
-    assert knn_module.resolve_knn_backend(x64, "auto") == "torch"
-    with pytest.raises(ValueError, match="unknown k-NN backend 'blas'"):
-        knn_exact(x32, 5, backend="blas")
-    for backend in ("ext", "faiss"):
-        with pytest.raises(ValueError, match=f"backend '{backend}' takes float32 CPU features, got torch.float64"):
-            knn_exact(x64, 5, backend=backend)
-    monkeypatch.setattr(knn_module, "_strip_select", lambda: None)  # a build without the selection
-    assert knn_module.resolve_knn_backend(x32, "auto") == "faiss"
-    with pytest.raises(RuntimeError, match="not built with knn_strip_select_"):
-        knn_exact(x32, 5, backend="ext")
-
-
-@EXT_KNN
-def test_knn_strip_select_rejects_bad_shapes_before_writing():
-    select = knn_module._strip_select()
-    val, ids, row_max = torch.full((10, 3), float("inf")), torch.full((10, 3), -1), torch.zeros(10)
-    with pytest.raises(ValueError, match="does not fit 10 points"):
-        select(torch.zeros(4, 8), 5, val, ids, row_max)  # points 5..13 of 10
-    with pytest.raises(ValueError, match="2-D float32"):
-        select(torch.zeros(4, 8, dtype=torch.float64), 0, val, ids, row_max)
-    with pytest.raises(ValueError, match="one shape"):
-        select(torch.zeros(4, 8), 0, val, torch.full((10, 4), -1), row_max)
-    with pytest.raises(ValueError, match="contiguous"):
-        select(torch.zeros(8, 4).t(), 0, val, ids, row_max)
-    assert torch.all(val == float("inf")) and torch.all(ids == -1) and torch.all(row_max == 0)

@@ -2,14 +2,11 @@
 
 The k-reciprocal encoding needs, per point, its k1+1 nearest points (itself first) and the
 largest distance in its row (the original algorithm divides each row by it). ``flat`` is exact:
-it computes each pair's distance once (the matrix is symmetric) in row strips. Backends:
-``ext`` and ``faiss`` (float32 CPU features): strips from FAISS's ``pairwise_L2sqr`` (BLAS sgemm;
-faster than FAISS ``IndexFlatL2``, which computes every pair twice, and than torch's matmul + top-k
-over all pairs: bench/RESULTS.md), the k nearest kept in per-row max-heaps (a distance costs one
-comparison with the row's current k-th unless it enters): ``ext`` selects in the compiled
-extension ``fastmmt._C`` (two passes over a strip), ``faiss`` with NumPy and FAISS's heaps.
-``torch`` (any dtype and device; GPU features): torch's matmul, top-k and merges. ``auto``: ``ext``
-when it is built and the features are float32 on the CPU, then ``faiss``, else ``torch``.
+it computes each pair's distance once (the matrix is symmetric) in row strips. float32 CPU
+features: strips from FAISS's ``pairwise_L2sqr`` (BLAS sgemm; faster than FAISS ``IndexFlatL2``,
+which computes every pair twice, and than torch's matmul + top-k over all pairs: bench/RESULTS.md),
+the k nearest kept in FAISS's C++ max-heaps, one per row (a distance costs one comparison with the
+row's current k-th unless it enters). Otherwise (float64, GPU): torch's matmul, top-k and merges.
 ``hnsw`` is FAISS's approximate graph index for very large N; the row maximum then comes from
 an approximate maximum-inner-product search over the augmented vectors [x_j, |x_j|^2].
 """
@@ -23,7 +20,6 @@ import torch
 from tqdm.auto import tqdm
 
 KNN_INDEXES = ("flat", "hnsw")
-KNN_BACKENDS = ("auto", "ext", "faiss", "torch")
 
 
 class Neighbours(NamedTuple):
@@ -66,31 +62,7 @@ def pair_sq_distances(x: torch.Tensor, norms: torch.Tensor, rows: np.ndarray, co
     return d2
 
 
-def _strip_select():
-    """``fastmmt._C.knn_strip_select_``, or None when the extension is not built (or predates it)."""
-    from fastmmt.ops.ema import load_extension
-
-    return getattr(load_extension(), "knn_strip_select_", None)
-
-
-def resolve_knn_backend(x: torch.Tensor, backend: str) -> str:
-    """The backend ``knn_exact`` runs for ``x``: ``auto`` resolved, an explicit one checked."""
-    if backend not in KNN_BACKENDS:
-        raise ValueError(f"unknown k-NN backend {backend!r}; choose one of {KNN_BACKENDS}")
-    flat_cpu = x.device.type == "cpu" and x.dtype == torch.float32
-    if backend == "auto":
-        return "ext" if flat_cpu and _strip_select() is not None else "faiss" if flat_cpu else "torch"
-    if backend in ("ext", "faiss") and not flat_cpu:
-        raise ValueError(f"k-NN backend {backend!r} takes float32 CPU features, got {x.dtype} on {x.device} "
-                         "(backend='torch' takes any)")
-    if backend == "ext" and _strip_select() is None:
-        raise RuntimeError("k-NN backend 'ext' requested but fastmmt._C is not built with knn_strip_select_ "
-                           "(reinstall with `pip install -e . --no-build-isolation`, or use backend='faiss')")
-    return backend
-
-
-def knn_exact(x: torch.Tensor, k: int, *, block: int | None = None, backend: str = "auto",
-              progress: bool = False) -> Neighbours:
+def knn_exact(x: torch.Tensor, k: int, *, block: int | None = None, progress: bool = False) -> Neighbours:
     """Exact k-NN of every row of ``x`` among all rows (self included at distance 0).
 
     The distance matrix is symmetric, so each pair is computed once: strip b holds the distances
@@ -98,8 +70,7 @@ def knn_exact(x: torch.Tensor, k: int, *, block: int | None = None, backend: str
     b's rows; seen by column, it offers the later rows every distance below their current k-th
     best, merged into their running top-k. Strips go from the last block to the first, so every
     later row already holds k candidates from its own strip and few entries pass that threshold
-    (float32 CPU features: both sides go through per-row heaps, :func:`_knn_exact_cpu`). ``backend``:
-    see the module docstring.
+    (float32 CPU features: both sides go through FAISS's per-row heaps, :func:`_knn_exact_faiss`).
     The row maxima come from the same strips. Blocks have ``block`` rows (default: 512, fewer
     when N is large so a strip stays under 2^26 entries). Ties at the k-th distance are broken
     arbitrarily; the k returned are sorted by (distance, id).
@@ -108,9 +79,8 @@ def knn_exact(x: torch.Tensor, k: int, *, block: int | None = None, backend: str
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, N] = [1, {n}], got {k}")
     block = block or max(64, min(512, 2**26 // n))
-    backend = resolve_knn_backend(x, backend)
-    if backend != "torch":
-        return _knn_exact_cpu(np.ascontiguousarray(x.detach().numpy()), k, block, backend == "ext", progress)
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return _knn_exact_faiss(np.ascontiguousarray(x.detach().numpy()), k, block, progress)
     norms = sq_norms(x)
     best_d = torch.full((n, k), float("inf"), dtype=x.dtype, device=x.device)
     best_i = torch.zeros((n, k), dtype=torch.int64, device=x.device)
@@ -130,29 +100,24 @@ def knn_exact(x: torch.Tensor, k: int, *, block: int | None = None, backend: str
     return Neighbours(ids, dist, row_max.cpu().numpy().astype(np.float64))
 
 
-def _knn_exact_cpu(xs: np.ndarray, k: int, block: int, ext: bool, progress: bool) -> Neighbours:
+def _knn_exact_faiss(xs: np.ndarray, k: int, block: int, progress: bool) -> Neighbours:
     """:func:`knn_exact` for float32 CPU features: the same strips, from FAISS's ``pairwise_L2sqr``
-    (BLAS sgemm under FAISS's thread setting), and per-row max-heaps for the selection (each
-    distance is compared with its row's root, the current k-th, and replaces it when smaller).
-    ``ext``: ``fastmmt._C.knn_strip_select_`` reads each strip twice (rows, then column tiles).
-    Otherwise FAISS's heaps (C++ ``addn``): a strip's rows go in as they are, its later columns (the
-    same distances seen from the later rows) through a transposed copy of that part."""
+    (BLAS sgemm under FAISS's thread setting), and FAISS's per-row max-heaps for the selection
+    (C++ ``addn``: each distance is compared with its row's root, the current k-th, and replaces
+    it when smaller). A strip's rows go in as they are; its later columns (the same distances
+    seen from the later rows) through a transposed copy of that part."""
     n, d = xs.shape
     val = np.full((n, k), np.inf, dtype=np.float32)
     ids = np.full((n, k), -1, dtype=np.int64)
     heaps = faiss.float_maxheap_array_t()  # pointers into val and ids, which outlive it
     heaps.nh, heaps.k, heaps.val, heaps.ids = n, k, faiss.swig_ptr(val), faiss.swig_ptr(ids)
     row_max = np.zeros(n, dtype=np.float32)
-    select = _strip_select() if ext else None
     starts = range(0, n, block)
     for s in tqdm(reversed(starts), total=len(starts), desc="k-NN", disable=not progress, leave=False):
         e = min(s + block, n)
         d2 = np.empty((e - s, n - s), dtype=np.float32)
         faiss.pairwise_L2sqr(d, e - s, faiss.swig_ptr(xs[s:e]), n - s, faiss.swig_ptr(xs[s:]),
                              faiss.swig_ptr(d2))
-        if select is not None:
-            select(torch.from_numpy(d2), s, torch.from_numpy(val), torch.from_numpy(ids), torch.from_numpy(row_max))
-            continue
         np.maximum(d2, 0.0, out=d2)
         own = np.arange(e - s)
         d2[own, own] = 0.0
@@ -247,12 +212,10 @@ def _self_first(ids: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, 
     return np.hstack([own, ids_o]), np.hstack([np.zeros((n, 1)), dist_o])
 
 
-def knn(x: torch.Tensor, k: int, *, index: str = "flat", backend: str = "auto", progress: bool = False
-        ) -> Neighbours:
-    """Dispatch to the exact (``flat``, with ``backend``) or approximate (``hnsw``) search; ``k``
-    includes self."""
+def knn(x: torch.Tensor, k: int, *, index: str = "flat", progress: bool = False) -> Neighbours:
+    """Dispatch to the exact (``flat``) or approximate (``hnsw``) search; ``k`` includes self."""
     if index == "flat":
-        return knn_exact(x, k, backend=backend, progress=progress)
+        return knn_exact(x, k, progress=progress)
     if index == "hnsw":
         return knn_hnsw(x, k, progress=progress)
     raise ValueError(f"unknown k-NN index {index!r}; choose one of {KNN_INDEXES}")
