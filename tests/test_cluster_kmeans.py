@@ -105,7 +105,7 @@ def test_errors():
     with pytest.raises(ClusterError, match="init"):
         kmeans(x, 2, init="afk-mc2")
     with pytest.raises(ClusterError, match="backend"):
-        kmeans(x, 2, backend="sklearn")
+        kmeans(x, 2, backend="scipy")
     if faiss.get_num_gpus() == 0:
         with pytest.raises(ClusterError, match="get_num_gpus"):
             kmeans(x, 2, backend="faiss-gpu")
@@ -183,3 +183,23 @@ def test_faiss_gpu_kmeans_matches_cpu(data):
     on_device = kmeans(torch.from_numpy(x).cuda(), 40, seed=0, backend="faiss-gpu")
     assert on_device.info["gpu_device"] == torch.cuda.current_device()
     assert nmi(gpu.labels, on_device.labels) > 0.99
+
+
+def test_sklearn_backend_is_the_official_call():
+    """backend='sklearn' runs scikit-learn's KMeans as the official MMT code did: the same labels,
+    and its cluster_centers_ (not the means of the labels) as the centroids."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((12, 8))[rng.integers(0, 12, 300)] + 0.3 * rng.standard_normal((300, 8))).astype(np.float32)
+    res = kmeans(torch.from_numpy(x), 12, seed=7, nredo=3, niter=50, backend="sklearn")
+    ref = KMeans(n_clusters=12, n_init=3, max_iter=50, random_state=7).fit(x)
+    np.testing.assert_array_equal(res.labels, ref.labels_)
+    np.testing.assert_allclose(res.centroids.numpy(), ref.cluster_centers_, rtol=0, atol=1e-6)
+    assert res.num_clusters == 12 and res.info["backend"] == "sklearn"
+    assert res.info["inertia"] == pytest.approx(ref.inertia_)
+    assert resolve_kmeans_backend("auto") != "sklearn"  # only when asked
+
+
+def test_sklearn_backend_without_sklearn_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)  # import fails
+    with pytest.raises(ClusterError, match="needs scikit-learn"):
+        kmeans(np.zeros((10, 2), np.float32), 2, backend="sklearn")

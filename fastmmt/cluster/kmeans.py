@@ -25,12 +25,13 @@ from fastmmt.cluster._threads import limited_threads
 from fastmmt.cluster.result import ClusterError, ClusterResult, as_feature_tensor, cluster_means
 from fastmmt.cluster.seeding import kmeans_plusplus
 
-KMEANS_BACKENDS = ("auto", "faiss", "faiss-gpu")
+KMEANS_BACKENDS = ("auto", "faiss", "faiss-gpu", "sklearn")
 KMEANS_INITS = ("k-means++", "random")
 
 
 def resolve_kmeans_backend(backend: str) -> str:
-    """``auto`` -> ``faiss-gpu`` when FAISS sees a GPU, else ``faiss`` (CPU)."""
+    """``auto`` -> ``faiss-gpu`` when FAISS sees a GPU, else ``faiss`` (CPU). ``sklearn`` (only when
+    asked): scikit-learn's ``KMeans``, the official MMT code's clustering, for side-by-side checks."""
     if backend not in KMEANS_BACKENDS:
         raise ClusterError(f"unknown k-means backend {backend!r}; choose one of {KMEANS_BACKENDS}")
     if backend == "auto":
@@ -98,6 +99,8 @@ def kmeans(
         raise ClusterError(f"niter and nredo must be >= 1, got niter={niter}, nredo={nredo}")
     backend = resolve_kmeans_backend(backend)
     xs = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    if backend == "sklearn":
+        return _kmeans_sklearn(x, xs, int(k), seed, int(niter), int(nredo), init, num_threads, t0)
 
     device = gpu_device(x) if backend == "faiss-gpu" else None
     index = _flat_l2_index(backend, d, device or 0)
@@ -123,6 +126,24 @@ def kmeans(
     if device is not None:
         info["gpu_device"] = device
     return ClusterResult(labels=labels, centroids=means, num_clusters=num_clusters, info=info)
+
+
+def _kmeans_sklearn(x: torch.Tensor, xs: np.ndarray, k: int, seed: int, niter: int, nredo: int, init: str,
+                    num_threads: int | None, t0: float) -> ClusterResult:
+    """scikit-learn's ``KMeans(k, init, n_init=nredo, max_iter=niter, random_state=seed)``, as the
+    official MMT code calls it (10 restarts, 300 iterations): its labels, and its
+    ``cluster_centers_`` as the centroids (what the official code copies into the classifiers)."""
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        raise ClusterError("k-means backend 'sklearn' needs scikit-learn (pip install scikit-learn)") from None
+    with limited_threads(num_threads):
+        km = KMeans(n_clusters=k, init=init, n_init=nredo, max_iter=niter, random_state=seed).fit(xs)
+    labels, num_empty = _compact(km.labels_.astype(np.int64), k)
+    centres = torch.from_numpy(km.cluster_centers_[np.unique(km.labels_)].astype(np.float32)).to(x.device)
+    info = {"inertia": float(km.inertia_), "backend": "sklearn", "iterations": int(km.n_iter_), "init": init,
+            "nredo": nredo, "empty_clusters": num_empty, "seconds": time.perf_counter() - t0}
+    return ClusterResult(labels=labels, centroids=centres, num_clusters=k - num_empty, info=info)
 
 
 def _index_input(x: torch.Tensor, backend: str) -> torch.Tensor:
