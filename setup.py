@@ -25,6 +25,7 @@ REQUIRES = [
     "pyyaml>=6",
     "tqdm>=4.60",
     "matplotlib>=3.7",
+    "scikit-learn>=1.3",  # the paper configs' k-means (the official code's KMeans)
 ]
 
 packages = find_packages(include=["fastmmt", "fastmmt.*"]) + ["fastmmt.kernels"]

@@ -190,13 +190,17 @@ def test_sklearn_backend_is_the_official_call():
     and its cluster_centers_ (not the means of the labels) as the centroids."""
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((12, 8))[rng.integers(0, 12, 300)] + 0.3 * rng.standard_normal((300, 8))).astype(np.float32)
-    res = kmeans(torch.from_numpy(x), 12, seed=7, nredo=3, niter=50, backend="sklearn")
+    res = kmeans(torch.from_numpy(x), 12, seed=7, nredo=3, niter=50, backend="sklearn", num_threads=1)
     ref = KMeans(n_clusters=12, n_init=3, max_iter=50, random_state=7).fit(x)
     np.testing.assert_array_equal(res.labels, ref.labels_)
     np.testing.assert_allclose(res.centroids.numpy(), ref.cluster_centers_, rtol=0, atol=1e-6)
     assert res.num_clusters == 12 and res.info["backend"] == "sklearn"
     assert res.info["inertia"] == pytest.approx(ref.inertia_)
     assert resolve_kmeans_backend("auto") != "sklearn"  # only when asked
+    # as MMT's epochs call it (adapt.cluster_backend=sklearn: the paper configs)
+    from fastmmt.cluster import build_clusterer
+    epoch = build_clusterer("kmeans", k=12, seed=7, backend="sklearn", nredo=3, niter=50)(torch.from_numpy(x), 5)
+    np.testing.assert_array_equal(epoch.labels, ref.labels_)
 
 
 def test_sklearn_backend_without_sklearn_says_so(monkeypatch):

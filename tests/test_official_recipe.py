@@ -305,9 +305,10 @@ def test_paper_configs_state_the_official_values():
         o = load_options(path)
         assert (o.pretrain.lr_timing, o.pretrain.select, o.pretrain.eval_every) == ("official", "source_best", 40)
         assert (o.adapt.kmeans_restarts, o.adapt.kmeans_iters) == (10, 300)
-        assert o.adapt.kmeans_seed_dim is None  # k-means++ in the full space, as scikit-learn
+        assert o.adapt.cluster_backend == "sklearn"  # the official code's KMeans
+        assert o.adapt.kmeans_seed_dim is None  # with faiss: k-means++ in the full space, as scikit-learn
         assert o.data.backend == "torch"  # PIL's bicubic resize, as the official transforms
         assert not o.run.select_best  # the default report: last-epoch teacher 1
     d = load_options(ROOT / "configs" / "demo.yaml")
     assert (d.pretrain.lr_timing, d.pretrain.select, d.adapt.kmeans_restarts, d.adapt.kmeans_iters,
-            d.adapt.kmeans_seed_dim) == ("after_epoch", "last", 1, 100, 256)
+            d.adapt.kmeans_seed_dim, d.adapt.cluster_backend) == ("after_epoch", "last", 1, 100, 256, "auto")

@@ -46,6 +46,14 @@ PAPER = dict(size="large", height=256, width=128, arch="resnet50", batch=64, ins
              epochs=40, iters=400, lr=3.5e-4, alpha=0.999)
 
 
+# fastmmt's k-means per --kmeans: the paper configs' (the official KMeans), FAISS with the official
+# values (the paper configs before issue 26's twelve-epoch runs), fastmmt's defaults
+_OFFICIAL_VALUES = {"adapt.kmeans_restarts": 10, "adapt.kmeans_iters": 300}
+KMEANS_SETS = {"official": {**_OFFICIAL_VALUES, "adapt.cluster_backend": "sklearn"},
+               "faiss": {**_OFFICIAL_VALUES, "adapt.kmeans_seed_dim": "null", "adapt.cluster_backend": "faiss"},
+               "fast": {}}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,9 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         kw = dict(nargs="+", type=int) if isinstance(val, list) else dict(type=type(val))
         p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, **kw,
                        help=f"default {val} (--paper: {PAPER[key]})")
-    p.add_argument("--kmeans", choices=["official", "fast"], default="official",
-                   help="fastmmt's k-means: as the paper configs (10 restarts x 300 iterations, k-means++ in the "
-                        "full space: the official code's values), or fastmmt's defaults")
+    p.add_argument("--kmeans", choices=list(KMEANS_SETS), default="official",
+                   help="fastmmt's k-means: official = the paper configs' (scikit-learn's KMeans, 10 restarts x "
+                        "300 iterations, as the official code calls it); faiss = FAISS with those values and "
+                        "k-means++ in the full space; fast = fastmmt's defaults")
     p.add_argument("--fastmmt-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra fastmmt --set (an A/B of one fastmmt option)")
     p.add_argument("--fastmmt-name", default="fastmmt",
@@ -174,8 +183,7 @@ def fastmmt_mmt(args: argparse.Namespace, data: Path, inits: list[Path], out: Pa
                 "adapt.soft_ce_weight": 0.5, "adapt.soft_tri_weight": 0.8, "model.dropout": 0.0,
                 "run.seed": seed, "run.eval_every": 1,
                 "run.num_threads": int(os.environ.get("OMP_NUM_THREADS", "1"))}
-        if args.kmeans == "official":  # the paper configs' k-means: scikit-learn's values, full-space seeding
-            sets.update({"adapt.kmeans_restarts": 10, "adapt.kmeans_iters": 300, "adapt.kmeans_seed_dim": "null"})
+        sets.update(KMEANS_SETS[args.kmeans])
         cmd = [args.python, "-m", "fastmmt", "adapt", "--init", str(inits[0]), str(inits[1]), "--out", str(out),
                "--no-progress"]
         for k, v in sets.items():

@@ -31,7 +31,7 @@ KMEANS_INITS = ("k-means++", "random")
 
 def resolve_kmeans_backend(backend: str) -> str:
     """``auto`` -> ``faiss-gpu`` when FAISS sees a GPU, else ``faiss`` (CPU). ``sklearn`` (only when
-    asked): scikit-learn's ``KMeans``, the official MMT code's clustering, for side-by-side checks."""
+    asked; the paper configs do): scikit-learn's ``KMeans``, the official MMT code's clustering."""
     if backend not in KMEANS_BACKENDS:
         raise ClusterError(f"unknown k-means backend {backend!r}; choose one of {KMEANS_BACKENDS}")
     if backend == "auto":
@@ -131,13 +131,15 @@ def kmeans(
 def _kmeans_sklearn(x: torch.Tensor, xs: np.ndarray, k: int, seed: int, niter: int, nredo: int, init: str,
                     num_threads: int | None, t0: float) -> ClusterResult:
     """scikit-learn's ``KMeans(k, init, n_init=nredo, max_iter=niter, random_state=seed)``, as the
-    official MMT code calls it (10 restarts, 300 iterations): its labels, and its
-    ``cluster_centers_`` as the centroids (what the official code copies into the classifiers)."""
+    official MMT code calls it (10 restarts, 300 iterations; ``seed_dim`` does not apply): its
+    labels, and its ``cluster_centers_`` as the centroids (what the official code copies into the
+    classifiers)."""
     try:
         from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
     except ImportError:
         raise ClusterError("k-means backend 'sklearn' needs scikit-learn (pip install scikit-learn)") from None
-    with limited_threads(num_threads):
+    with threadpool_limits(limits=num_threads):  # its OpenMP and BLAS threads (None: unchanged)
         km = KMeans(n_clusters=k, init=init, n_init=nredo, max_iter=niter, random_state=seed).fit(xs)
     labels, num_empty = _compact(km.labels_.astype(np.int64), k)
     centres = torch.from_numpy(km.cluster_centers_[np.unique(km.labels_)].astype(np.float32)).to(x.device)
