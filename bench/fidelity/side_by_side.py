@@ -170,6 +170,13 @@ def fastmmt_log(out: Path) -> Path:
     return out / "kmeans" / "log.jsonl"
 
 
+def fastmmt_epochs(out: Path, field: str) -> list[dict]:
+    """The epoch records of a fastmmt run that carry ``field``, in epoch order (the final record,
+    a repeat of the reported epoch, left out)."""
+    recs = [json.loads(x) for x in fastmmt_log(out).read_text().splitlines()]
+    return sorted((r for r in recs if "epoch" in r and field in r and not r.get("final")), key=lambda r: r["epoch"])
+
+
 def fastmmt_mmt(args: argparse.Namespace, data: Path, inits: list[Path], out: Path, seed: int) -> list[list[float]]:
     """Per epoch [T1 mAP, T2 mAP] of one fastmmt run."""
     log = fastmmt_log(out)
@@ -194,9 +201,7 @@ def fastmmt_mmt(args: argparse.Namespace, data: Path, inits: list[Path], out: Pa
             log.unlink()
         run(cmd, out / "run.log")
         (out / "done").write_text("ok\n")
-    recs = [json.loads(x) for x in log.read_text().splitlines()]
-    recs = [r for r in recs if "epoch" in r and "mAP" in r and not r.get("final")]
-    return [[r["mAP"], r["T2_mAP"]] for r in sorted(recs, key=lambda r: r["epoch"])]
+    return [[r["mAP"], r["T2_mAP"]] for r in fastmmt_epochs(out, "mAP")]
 
 
 # The training losses both codes log per epoch, as epoch averages: both students' cross-entropy and
@@ -220,9 +225,7 @@ def official_losses(out: Path) -> list[dict[str, float]]:
 
 def fastmmt_losses(out: Path) -> list[dict[str, float]]:
     """Per epoch, the fastmmt run's epoch-average losses from its ``log.jsonl``."""
-    recs = [json.loads(x) for x in fastmmt_log(out).read_text().splitlines()]
-    recs = sorted((r for r in recs if "epoch" in r and "loss_ce" in r and not r.get("final")), key=lambda r: r["epoch"])
-    return [{k: r[f"loss_{k}"] for k in LOSSES} for r in recs]
+    return [{k: r[f"loss_{k}"] for k in LOSSES} for r in fastmmt_epochs(out, "loss_ce")]
 
 
 def loss_table(losses: dict[str, dict[int, list[dict[str, float]]]], epochs: int) -> str:
@@ -238,8 +241,7 @@ def loss_table(losses: dict[str, dict[int, list[dict[str, float]]]], epochs: int
             if len(stats) < 2:
                 continue
             (m1, s1, n1), (m2, s2, n2) = stats["official"], stats["fastmmt"]
-            se = math.sqrt((s1 ** 2 / n1 if n1 > 1 else 0) + (s2 ** 2 / n2 if n2 > 1 else 0))
-            z = f"{(m2 - m1) / se:6.2f}" if se > 0 else ""
+            z = z_text(m1, s1, n1, m2, s2, n2)
             lines.append(f"{name:>8} {e:5d} {m1:9.3f} +- {s1:4.2f} {m2:9.3f} +- {s2:4.2f} {m2 - m1:+7.3f} {z:>6}")
     return "\n".join(lines)
 
@@ -264,6 +266,13 @@ def teacher_spread(results: dict[str, dict[int, list[list[float]]]]) -> str:
         p = sum(d >= observed - 1e-12 for d in diffs) / len(diffs)
         lines.append(f"fastmmt - official {observed:+.2f}, permutation p (fastmmt larger) {p:.3f}")
     return "\n".join(lines)
+
+
+def z_text(m1: float, s1: float, n1: int, m2: float, s2: float, n2: int) -> str:
+    """The z of the difference of two means (a side of one run adds no variance), as the tables
+    print it; empty when neither side has a spread."""
+    se = math.sqrt((s1 ** 2 / n1 if n1 > 1 else 0) + (s2 ** 2 / n2 if n2 > 1 else 0))
+    return f"{(m2 - m1) / se:6.2f}" if se > 0 else ""
 
 
 def mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -298,11 +307,15 @@ def table(results: dict[str, dict[int, list[list[float]]]], epochs: int, of: str
         if len(stats) == 2:
             (m1, s1, n1, lo, hi), (m2, s2, n2, _, _) = stats["official"], stats["fastmmt"]
             diff = f"{m2 - m1:+7.2f}"
-            se = math.sqrt((s1 ** 2 / n1 if n1 > 1 else 0) + (s2 ** 2 / n2 if n2 > 1 else 0))
-            z = f"{(m2 - m1) / se:6.2f}" if se > 0 else ""
+            z = z_text(m1, s1, n1, m2, s2, n2)
             where = "above" if m2 > hi else "below" if m2 < lo else "in"
         lines.append(f"{e:5d} {cells[0]:>16} {span:>15} {cells[1]:>16} {diff:>7} {z:>6} {where:>6}")
     return "\n".join(lines)
+
+
+def side_folder(args: argparse.Namespace, side: str) -> str:
+    """The folder under WORK that holds a side's runs (``--fastmmt-name`` for fastmmt's)."""
+    return "official" if side == "official" else args.fastmmt_name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -319,14 +332,13 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for side in ("official", "fastmmt"):
             fn = official_mmt if side == "official" else fastmmt_mmt
-            folder = "official" if side == "official" else args.fastmmt_name
+            folder = side_folder(args, side)
             if side not in args.sides and not (work / folder / f"seed{seed}" / "done").exists():
                 continue  # a side not asked for is shown only where its runs exist
             results.setdefault(side, {})[seed] = fn(args, data, inits, work / folder / f"seed{seed}", seed)
             print(table(results, args.epochs, "best"), flush=True)
     losses = {side: {seed: (official_losses if side == "official" else fastmmt_losses)(
-                  work / ("official" if side == "official" else args.fastmmt_name) / f"seed{seed}")
-                  for seed in runs} for side, runs in results.items()}
+                  work / side_folder(args, side) / f"seed{seed}") for seed in runs} for side, runs in results.items()}
     summary = {"args": vars(args), "mAP_T1_T2_per_epoch": results, "losses_per_epoch": losses}
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     for of, what in (("mean", "the mean of the two mean teachers"),
