@@ -197,6 +197,8 @@ def test_sklearn_backend_is_the_official_call():
     assert res.num_clusters == 12 and res.info["backend"] == "sklearn"
     assert res.info["inertia"] == pytest.approx(ref.inertia_)
     assert resolve_kmeans_backend("auto") != "sklearn"  # only when asked
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):  # checked as on the FAISS path
+        kmeans(torch.from_numpy(x), 12, backend="sklearn", num_threads=0)
     # as MMT's epochs call it (adapt.cluster_backend=sklearn: the paper configs)
     from fastmmt.cluster import build_clusterer
     epoch = build_clusterer("kmeans", k=12, seed=7, backend="sklearn", nredo=3, niter=50)(torch.from_numpy(x), 5)

@@ -139,7 +139,9 @@ def _kmeans_sklearn(x: torch.Tensor, xs: np.ndarray, k: int, seed: int, niter: i
         from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
     except ImportError:
         raise ClusterError("k-means backend 'sklearn' needs scikit-learn (pip install scikit-learn)") from None
-    with threadpool_limits(limits=num_threads):  # its OpenMP and BLAS threads (None: unchanged)
+    # torch's and FAISS's threads as the FAISS path bounds them (and num_threads checked alike);
+    # scikit-learn's OpenMP and BLAS pools through threadpoolctl (None: unchanged)
+    with limited_threads(num_threads), threadpool_limits(limits=num_threads):
         km = KMeans(n_clusters=k, init=init, n_init=nredo, max_iter=niter, random_state=seed).fit(xs)
     labels, num_empty = _compact(km.labels_.astype(np.int64), k)
     centres = torch.from_numpy(km.cluster_centers_[np.unique(km.labels_)].astype(np.float32)).to(x.device)
