@@ -209,3 +209,15 @@ def test_sklearn_backend_without_sklearn_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.cluster", None)  # import fails
     with pytest.raises(ClusterError, match="needs scikit-learn"):
         kmeans(np.zeros((10, 2), np.float32), 2, backend="sklearn")
+
+
+@pytest.mark.gpu
+def test_sklearn_backend_takes_cuda_features(data):
+    """The paper configs' k-means on CUDA features (a GPU run's teachers): scikit-learn runs on a
+    host copy, the labels are the CPU run's and the centroids come back on the features' device."""
+    x, _ = data
+    cpu = kmeans(torch.from_numpy(x), 40, seed=0, nredo=2, niter=50, backend="sklearn")
+    gpu = kmeans(torch.from_numpy(x).cuda(), 40, seed=0, nredo=2, niter=50, backend="sklearn")
+    np.testing.assert_array_equal(gpu.labels, cpu.labels)
+    assert gpu.centroids.is_cuda
+    torch.testing.assert_close(gpu.centroids.cpu(), cpu.centroids, rtol=0, atol=0)
