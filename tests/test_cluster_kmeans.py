@@ -10,7 +10,9 @@ from sklearn.metrics import normalized_mutual_info_score as nmi
 
 from fastmmt.cluster import ClusterError, kmeans
 from fastmmt.cluster._threads import limited_threads
-from fastmmt.cluster.kmeans import resolve_kmeans_backend
+from fastmmt.cluster.kmeans import resolve_kmeans_backend, restart_seeds
+
+kmeans_module = sys.modules["fastmmt.cluster.kmeans"]  # the package's `kmeans` name is the function
 from test_cluster_jaccard import blobs
 
 
@@ -53,10 +55,35 @@ def test_deterministic_with_seed(data, init, seed_dim):
     assert torch.equal(a.centroids, b.centroids)
 
 
-def test_restarts_keep_the_best(data):
+def test_restarts_keep_the_best(data, monkeypatch):
     x, _ = data
+    # restart r of a run gets seed 5 + r here, so three one-restart runs are its three restarts
+    monkeypatch.setattr(kmeans_module, "restart_seeds", lambda seed, nredo: [seed + r for r in range(nredo)])
     singles = [kmeans(x, 40, seed=s).info["inertia"] for s in (5, 6, 7)]
     assert kmeans(x, 40, seed=5, nredo=3).info["inertia"] == pytest.approx(min(singles), rel=1e-6)
+
+
+def test_restart_seeds_independent_across_run_seeds():
+    runs = {s: restart_seeds(s, 10) for s in range(50)}
+    assert runs == {s: restart_seeds(s, 10) for s in range(50)}  # deterministic
+    assert all(restart_seeds(s, 3) == runs[s][:3] for s in runs)  # nredo restarts: a prefix
+    drawn = [r for seeds in runs.values() for r in seeds]
+    assert len(set(drawn)) == len(drawn)  # no run shares a restart with another (500 draws of 2^31)
+    assert all(isinstance(r, int) and 0 <= r < 2**31 - 1 for r in drawn)  # FAISS's seed is a C int
+
+
+def test_other_run_seeds_other_clusterings():
+    # unstructured points have many k-means minima: runs with seeds 1, 2, 3 (10 restarts each)
+    # return different clusterings; with restart seeds seed + r they shared 8 of 10 restarts
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    labels = [kmeans(x, 20, seed=s, nredo=10, niter=20).labels for s in (1, 2, 3)]
+    assert all(nmi(a, b) < 0.99 for i, a in enumerate(labels) for b in labels[i + 1:])
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_bad_seed(data, seed):
+    with pytest.raises(ClusterError, match="seed must be a non-negative integer"):
+        kmeans(data[0], 40, seed=seed)
 
 
 def test_iteration_limit_reaches_faiss(data):

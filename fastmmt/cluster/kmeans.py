@@ -81,8 +81,8 @@ def kmeans(
 
     ``init``: ``"k-means++"`` (greedy, measured in a ``seed_dim`` random projection; None = in
     the full space) or ``"random"`` (FAISS's random points). FAISS's Lloyd iterations run until
-    its convergence check stops them, at most ``niter``; the best of ``nredo`` restarts (seeds
-    ``seed``, ``seed + 1``, ...) is kept. Centroids are the means of the final clusters. FAISS
+    its convergence check stops them, at most ``niter``; the best of ``nredo`` restarts (their
+    seeds from :func:`restart_seeds`) is kept. Centroids are the means of the final clusters. FAISS
     splits empty clusters during training; if the final assignment still leaves a cluster
     empty it is dropped and the ids are compacted (``info["empty_clusters"]``).
     """
@@ -97,6 +97,8 @@ def kmeans(
         raise ClusterError(f"unknown k-means init {init!r}; choose one of {KMEANS_INITS}")
     if niter < 1 or nredo < 1:
         raise ClusterError(f"niter and nredo must be >= 1, got niter={niter}, nredo={nredo}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ClusterError(f"the k-means seed must be a non-negative integer, got {seed!r}")
     backend = resolve_kmeans_backend(backend)
     xs = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
     if backend == "sklearn":
@@ -106,8 +108,8 @@ def kmeans(
     index = _flat_l2_index(backend, d, device or 0)
     best, iterations = None, 0
     with limited_threads(num_threads), torch.no_grad():
-        for redo in range(int(nredo)):
-            clus = _lloyd(x, xs, int(k), seed + redo, int(niter), init, seed_dim, index, progress)
+        for redo_seed in restart_seeds(seed, int(nredo)):
+            clus = _lloyd(x, xs, int(k), redo_seed, int(niter), init, seed_dim, index, progress)
             stats = clus.iteration_stats
             iterations += stats.size()
             obj = stats.at(stats.size() - 1).obj
@@ -126,6 +128,14 @@ def kmeans(
     if device is not None:
         info["gpu_device"] = device
     return ClusterResult(labels=labels, centroids=means, num_clusters=num_clusters, info=info)
+
+
+def restart_seeds(seed: int, nredo: int) -> list[int]:
+    """The seeds of the ``nredo`` restarts of a run with ``seed``: drawn from a generator seeded with
+    ``seed``, so runs with different seeds share no restart (consecutive seeds ``seed + r`` made
+    runs with seeds 1 and 2 share nine of ten restarts, and often the same clustering).
+    ``nredo`` restarts are the first of ``nredo + 1``'s."""
+    return [int(s) for s in np.random.default_rng(int(seed)).integers(0, 2**31 - 1, size=int(nredo))]
 
 
 def _kmeans_sklearn(x: torch.Tensor, xs: np.ndarray, k: int, seed: int, niter: int, nredo: int, init: str,

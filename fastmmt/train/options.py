@@ -212,6 +212,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("adapt", "kmeans_seed_dim"): COUNT,  # or null: the full space
     ("run", "bn_split"): SOME, ("run", "eval_every"): SOME, ("run", "log_every"): COUNT,
     ("run", "num_threads"): COUNT, ("run", "diverge_factor"): SOME,
+    ("run", "seed"): SOME,  # numpy's generators (sampler, k-means restarts) take no negative seed
 }
 
 
@@ -229,6 +230,8 @@ def check_options(opts: ExperimentOptions) -> None:
             raise ValueError(f"{section}.{key} must be {allowed}, got {value}")
     if not opts.pretrain.seeds:
         raise ValueError("pretrain.seeds must name at least one seed, got []")
+    if any(seed < 0 for seed in opts.pretrain.seeds):
+        raise ValueError(f"pretrain.seeds must be integers >= 0, got {list(opts.pretrain.seeds)}")
     if any(m < 0 for m in opts.pretrain.milestones):
         raise ValueError(f"pretrain.milestones must be epochs >= 0, got {list(opts.pretrain.milestones)}")
     d = opts.data
