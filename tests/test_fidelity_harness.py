@@ -93,3 +93,32 @@ def test_teacher_spread_and_its_permutation_p(sbs):
     assert lines[0].split() == ["official:", "1.00", "1.00", "mean", "1.00"]
     assert lines[1].split() == ["fastmmt:", "3.00", "3.00", "mean", "3.00"]
     assert lines[2] == "fastmmt - official +2.00, permutation p (fastmmt larger) 0.167"
+
+
+def _runs(*per_epoch: float) -> list[list[float]]:
+    return [[v / 100, v / 100] for v in per_epoch]  # both teachers alike: mean = best
+
+
+def test_range_bar_by_chance_one_epoch(sbs):
+    # official 10, 11; fastmmt 12, 13 (mean 12.5: outside). Of the 6 ways to call 2 of the 4 runs
+    # fastmmt's, {10, 11} against 12-13 and {12, 13} against 10-11 are outside, the 4 mixed ones in
+    res = {"official": {1: _runs(10), 2: _runs(11)}, "fastmmt": {1: _runs(12), 2: _runs(13)}}
+    assert sbs.range_bar_by_chance(res, 1, "mean") == ("mean: 1 of 1 epochs outside; over the 6 relabellings, "
+                                                        "0.33 put 1 or more outside, 0.33 put 1 or more")
+
+
+def test_range_bar_by_chance_two_epochs(sbs):
+    # runs o1 10,5  o2 11,9  f1 12,6  f2 13,7: as labelled, epoch 0 is outside, epoch 1 in (6.5 in 5-9).
+    # Relabelled: {o1,o2} 1 out (epoch 0), {o1,f1} 1 (5.5 < 7), {o1,f2} 0, {o2,f1} 1 (7.5 > 7),
+    # {o2,f2} 1 (8 > 6), {f1,f2} 1: 5 of 6 have one epoch outside, none two
+    res = {"official": {1: _runs(10, 5), 2: _runs(11, 9)}, "fastmmt": {1: _runs(12, 6), 2: _runs(13, 7)}}
+    assert sbs.range_bar_by_chance(res, 2, "best") == ("best: 1 of 2 epochs outside; over the 6 relabellings, "
+                                                        "0.83 put 1 or more outside, 0.83 put 1 or more")
+    assert sbs.epochs_outside([[10, 5], [11, 9]], [[12, 6], [13, 7]]) == 1
+    assert sbs.epochs_outside([[12, 6], [13, 7]], [[10, 5], [11, 9]]) == 1
+    assert sbs.epochs_outside([[10, 5], [12, 6]], [[11, 9], [13, 7]]) == 1
+
+
+def test_range_bar_by_chance_needs_runs(sbs):
+    res = {"official": {1: _runs(10)}, "fastmmt": {1: _runs(12)}}
+    assert sbs.range_bar_by_chance(res, 1) == "mean: needs 2 official runs and 1 fastmmt run of 1 epochs"

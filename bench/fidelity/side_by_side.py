@@ -13,7 +13,9 @@
    fastmmt - official, with each run's two teachers reduced (a) to their mean and (b) to the
    better of the two (the official code's per-epoch figure). Then each side's training losses per
    epoch (both students' summed, as both codes log them) and how far a run's two teachers lie
-   apart. Also written as ``WORK/summary.json``.
+   apart, and how often the range bar (issue 26's: fastmmt's mean inside the official seeds'
+   range at every epoch) fails when the runs are relabelled at random. Also written as
+   ``WORK/summary.json``.
 
 Steps whose outputs exist are not run again (delete the folder to redo one). Every process runs
 alone, with the thread count of ``OMP_NUM_THREADS``. README.md beside this file has the set-up.
@@ -257,15 +259,49 @@ def teacher_spread(results: dict[str, dict[int, list[list[float]]]]) -> str:
     if all(per_run.get(side) for side in ("official", "fastmmt")):
         o, f = per_run["official"], per_run["fastmmt"]
         pooled, observed = o + f, sum(f) / len(f) - sum(o) / len(o)
-        diffs = []
-        for pick in itertools.combinations(range(len(pooled)), len(f)):
-            chosen = set(pick)
-            a = [v for i, v in enumerate(pooled) if i in chosen]
-            b = [v for i, v in enumerate(pooled) if i not in chosen]
-            diffs.append(sum(a) / len(a) - sum(b) / len(b))
+        diffs = [sum(a) / len(a) - sum(b) / len(b) for a, b in relabellings(pooled, len(f))]
         p = sum(d >= observed - 1e-12 for d in diffs) / len(diffs)
         lines.append(f"fastmmt - official {observed:+.2f}, permutation p (fastmmt larger) {p:.3f}")
     return "\n".join(lines)
+
+
+def relabellings(pooled: list, k: int):
+    """Every way to call ``k`` of the pooled runs fastmmt's and the rest official's, as
+    ``(fastmmt, official)`` lists: the exact permutation tests below (runs are exchangeable
+    when both codes behave alike)."""
+    for pick in itertools.combinations(range(len(pooled)), k):
+        chosen = set(pick)
+        yield [pooled[i] for i in pick], [v for i, v in enumerate(pooled) if i not in chosen]
+
+
+def epochs_outside(official: list[list[float]], fastmmt: list[list[float]]) -> int:
+    """How many epochs fastmmt's mean over runs lies outside the official runs' range (each run
+    a list of per-epoch values): issue 26's closing bar counts these."""
+    count = 0
+    for e in range(len(official[0])):
+        vals = [r[e] for r in official]
+        m = sum(r[e] for r in fastmmt) / len(fastmmt)
+        count += not min(vals) <= m <= max(vals)
+    return count
+
+
+def range_bar_by_chance(results: dict[str, dict[int, list[list[float]]]], epochs: int, of: str = "mean") -> str:
+    """How often the range bar fails when the two sides differ only by chance: the epochs outside
+    the official range as the runs are, then over every relabelling of the pooled runs (exact
+    permutation) the share with at least one epoch outside and with at least as many as seen.
+    Runs that stopped early are left out (every run must cover ``epochs``)."""
+    reduce = TEACHERS[of]
+    rows = {side: [[100 * reduce(r[e]) for e in range(epochs)] for r in results.get(side, {}).values()
+                   if len(r) >= epochs] for side in ("official", "fastmmt")}
+    o, f = rows["official"], rows["fastmmt"]
+    if len(o) < 2 or not f:
+        return f"{of}: needs 2 official runs and 1 fastmmt run of {epochs} epochs"
+    seen = epochs_outside(o, f)
+    counts = [epochs_outside(b, a) for a, b in relabellings(o + f, len(f))]
+    any_out = sum(c >= 1 for c in counts) / len(counts)
+    as_many = sum(c >= seen for c in counts) / len(counts)
+    return (f"{of}: {seen} of {epochs} epochs outside; over the {len(counts)} relabellings, "
+            f"{any_out:.2f} put 1 or more outside, {as_many:.2f} put {seen} or more")
 
 
 def z_text(m1: float, s1: float, n1: int, m2: float, s2: float, n2: int) -> str:
@@ -344,6 +380,10 @@ def main(argv: list[str] | None = None) -> None:
     for of, what in (("mean", "the mean of the two mean teachers"),
                      ("best", "the better of the two mean teachers (the official per-epoch figure)")):
         print(f"\nmAP (%) on the target test set, {what}, mean +- sd over seeds:\n{table(results, args.epochs, of)}")
+    print("\nThe range bar by chance: epochs where fastmmt's mean lies outside the official range, and how "
+          "often relabelling the runs at random does as much:")
+    for of in TEACHERS:
+        print(range_bar_by_chance(results, args.epochs, of))
     print(f"\nTraining losses, epoch averages (both students summed), mean +- sd over seeds:\n"
           f"{loss_table(losses, args.epochs)}")
     print(f"\nHow far a run's two teachers lie apart, mean over epochs of |T1 - T2| (mAP %), per seed:\n"
