@@ -2,6 +2,7 @@
 
     python bench/fidelity/components.py --official /path/to/MMT step    --init A.pth.tar B.pth.tar
     python bench/fidelity/components.py --official /path/to/MMT kmeans  --init A.pth.tar B.pth.tar
+    python bench/fidelity/components.py --official /path/to/MMT kmeans-parts --init A.pth.tar B.pth.tar
     python bench/fidelity/components.py --official /path/to/MMT sampler --init A.pth.tar B.pth.tar
     python bench/fidelity/components.py --official /path/to/MMT augment
     python bench/fidelity/components.py --official /path/to/MMT features --init A.pth.tar B.pth.tar
@@ -21,6 +22,10 @@ docs/fidelity.md records them with the command that produced them.
   k-means (its defaults, 10 restarts at the default 100 iterations, the paper configs' 10 x 300
   with projected and full-space seeding): agreement (NMI, ARI), inertia, agreement with the true
   identities, seconds.
+- ``kmeans-parts``: the same features through the k-means pieces one at a time: scikit-learn's and
+  FAISS's Lloyd iterations from one k-means++ start (label agreement, iterations), fastmmt's and
+  scikit-learn's k-means++ seeding (potential over 20 seeds), and the best-of-10 solutions of
+  ``--seeds`` (pairwise NMI within each method and across the two, inertia, NMI to the true ids).
 - ``sampler``: the official ``RandomMultipleGallerySampler`` and fastmmt's P x K planner over the
   same k-means pseudo-labels for one epoch: identities and images per batch, batches off the
   P x K grid, distinct images seen, cross-camera positives.
@@ -111,6 +116,63 @@ def cmd_kmeans(a) -> None:
     if s0 != s1:
         print(f"sklearn seed {s0} vs seed {s1}: NMI {nmi(ref[s0], ref[s1]):.4f} ARI {ari(ref[s0], ref[s1]):.4f} "
               "(the run-to-run agreement of the official clustering itself)")
+
+
+def cmd_kmeans_parts(a) -> None:
+    """The k-means pieces one at a time on the same features: Lloyd iterations from one start,
+    the k-means++ seeding, and how alike the best-of-10 solutions of several seeds are."""
+    import itertools
+
+    import faiss
+    from sklearn.cluster import KMeans, kmeans_plusplus
+    from sklearn.metrics import normalized_mutual_info_score as nmi
+
+    from fastmmt.cluster import kmeans
+    from fastmmt.cluster.seeding import kmeans_plusplus as fastmmt_plusplus
+
+    cf, target = teacher_features(a.init, a.data, a.height, a.width)
+    x = np.ascontiguousarray(cf.numpy(), dtype=np.float32)
+    true = np.array([r.pid for r in target.train])
+    faiss.omp_set_num_threads(1)
+    print(f"{len(x)} features x {x.shape[1]}, k = {a.k}, seeds {a.seeds}")
+    # 1. Lloyd from one start: scikit-learn's KMeans(init=...) and FAISS's Clustering, as fastmmt sets it up
+    for seed in a.seeds:
+        start = kmeans_plusplus(x, a.k, random_state=seed)[0]
+        km = KMeans(a.k, init=start, n_init=1, max_iter=300).fit(x)
+        cp = faiss.ClusteringParameters()
+        cp.niter, cp.max_points_per_centroid, cp.min_points_per_centroid = 300, len(x), 1
+        clus = faiss.Clustering(x.shape[1], a.k, cp)
+        faiss.copy_array_to_vector(np.ascontiguousarray(start).ravel(), clus.centroids)
+        index = faiss.IndexFlatL2(x.shape[1])
+        clus.train(x, index)
+        index.reset()
+        index.add(faiss.vector_float_to_array(clus.centroids).reshape(a.k, -1))
+        labels = index.search(x, 1)[1][:, 0]
+        print(f"same start, seed {seed}: labels equal {np.mean(labels == km.labels_):.4f}, NMI "
+              f"{nmi(km.labels_, labels):.4f}, iterations scikit-learn {km.n_iter_} FAISS {clus.iteration_stats.size()}")
+
+    # 2. the seeding alone: potential (sum of squared distances to the nearest seed)
+    def potential(rows):
+        c = x[rows]
+        d = (x ** 2).sum(1)[:, None] + (c ** 2).sum(1)[None] - 2 * x @ c.T
+        return float(d.min(1).clip(min=0).sum())
+
+    seeds20 = range(a.seeds[0], a.seeds[0] + 20)
+    ours = [potential(fastmmt_plusplus(cf, a.k, s, None).numpy()) for s in seeds20]
+    theirs = [potential(kmeans_plusplus(x, a.k, random_state=s)[1]) for s in seeds20]
+    print(f"k-means++ potential over 20 seeds: fastmmt {np.mean(ours):.3f} +- {np.std(ours, ddof=1):.3f}, "
+          f"scikit-learn {np.mean(theirs):.3f} +- {np.std(theirs, ddof=1):.3f}")
+    # 3. best of 10 restarts per seed: diversity within each method and agreement across the two
+    ours = [kmeans(cf, a.k, seed=s, nredo=10, niter=300, seed_dim=None, backend="faiss", num_threads=1) for s in a.seeds]
+    theirs = [KMeans(a.k, n_init=10, max_iter=300, random_state=s).fit(x) for s in a.seeds]
+    within_f = [nmi(p.labels, q.labels) for p, q in itertools.combinations(ours, 2)]
+    within_s = [nmi(p.labels_, q.labels_) for p, q in itertools.combinations(theirs, 2)]
+    across = [nmi(p.labels, q.labels_) for p in ours for q in theirs]
+    print(f"best of 10, pairwise NMI: within FAISS {np.mean(within_f):.4f}, within scikit-learn {np.mean(within_s):.4f}, "
+          f"across {np.mean(across):.4f}")
+    print(f"best of 10: inertia FAISS {np.mean([r.info['inertia'] for r in ours]):.4f}, scikit-learn "
+          f"{np.mean([k.inertia_ for k in theirs]):.4f}; NMI to the true ids FAISS "
+          f"{np.mean([nmi(true, r.labels) for r in ours]):.4f}, scikit-learn {np.mean([nmi(true, k.labels_) for k in theirs]):.4f}")
 
 
 def cmd_sampler(a) -> None:
@@ -355,10 +417,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=3.5e-4)
     p.add_argument("--float32", dest="float64", action="store_false",
                    help="step: float32 networks (default float64: rounding then cannot explain a difference)")
-    p.add_argument("what", choices=["step", "kmeans", "sampler", "augment", "features"])
+    p.add_argument("what", choices=["step", "kmeans", "kmeans-parts", "sampler", "augment", "features"])
     a = p.parse_args(argv)
     official_runner.setup(str(Path(a.official).resolve()))
-    {"step": cmd_step, "features": cmd_features, "kmeans": cmd_kmeans, "sampler": cmd_sampler, "augment": cmd_augment}[a.what](a)
+    {"step": cmd_step, "features": cmd_features, "kmeans": cmd_kmeans, "kmeans-parts": cmd_kmeans_parts,
+     "sampler": cmd_sampler, "augment": cmd_augment}[a.what](a)
 
 
 if __name__ == "__main__":
