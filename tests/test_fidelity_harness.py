@@ -122,3 +122,43 @@ def test_range_bar_by_chance_two_epochs(sbs):
 def test_range_bar_by_chance_needs_runs(sbs):
     res = {"official": {1: _runs(10)}, "fastmmt": {1: _runs(12)}}
     assert sbs.range_bar_by_chance(res, 1) == "mean: needs 2 official runs and 1 fastmmt run of 1 epochs"
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_paper_shape_commands(sbs, tmp_path, monkeypatch):
+    """--paper (the GPU run, not executed here): both sides get the paper's shape and schedule,
+    and the same values wherever both take one."""
+    args = sbs.parse_args(["--official", "MMT", "--paper", "--kmeans", "faiss"])
+    assert (args.height, args.width, args.batch, args.k, args.epochs, args.iters) == (256, 128, 64, 500, 40, 400)
+    assert (args.lr, args.alpha, args.pre_epochs, args.pre_milestones) == (3.5e-4, 0.999, 80, [40, 70])
+    seen = []
+
+    def fake_run(cmd, log, env=None):  # record the command; leave what the code would have written
+        seen.append(cmd)
+        out = log.parent
+        out.mkdir(parents=True, exist_ok=True)
+        if "examples/mmt_train_kmeans.py" in cmd:
+            (out / "evals.jsonl").write_text("".join(json.dumps({"mAP": 0.1 * (i % 2 + 1)}) + "\n" for i in range(81)))
+        else:
+            (out / "kmeans").mkdir(parents=True)
+            (out / "kmeans" / "log.jsonl").write_text(
+                "".join(json.dumps({"epoch": e, "mAP": 0.1, "T2_mAP": 0.2}) + "\n" for e in range(40)))
+
+    monkeypatch.setattr(sbs, "run", fake_run)
+    inits = [tmp_path / "a.pth.tar", tmp_path / "b.pth.tar"]
+    official = sbs.official_mmt(args, tmp_path / "data", inits, tmp_path / "off", 3)
+    fast = sbs.fastmmt_mmt(args, tmp_path / "data", inits, tmp_path / "fm", 3)
+    assert official == [[0.1, 0.2]] * 40 and fast == [[0.1, 0.2]] * 40
+    off_cmd, fm_cmd = seen
+    sets = dict(s.split("=", 1) for s in fm_cmd[fm_cmd.index("--no-progress") + 1:] if s != "--set")
+    pairs = {"--height": "data.height", "--width": "data.width", "-b": "data.batch_size",
+             "--num-instances": "data.num_instances", "--num-clusters": "adapt.k", "--epochs": "adapt.epochs",
+             "--iters": "adapt.iters", "--lr": "adapt.lr", "--alpha": "adapt.ema_alpha", "--seed": "run.seed"}
+    for flag, key in pairs.items():
+        assert float(_flag(off_cmd, flag)) == float(sets[key]), (flag, key)
+    assert _flag(off_cmd, "-a") == sets["model.arch"] == "resnet50"
+    assert (sets["adapt.cluster_backend"], sets["adapt.kmeans_restarts"], sets["adapt.kmeans_iters"]) == ("faiss", "10", "300")
+    assert _flag(fm_cmd, "--init") == str(inits[0]) and _flag(off_cmd, "--init-1") == str(inits[0])
