@@ -128,6 +128,7 @@ def cmd_kmeans_parts(a) -> None:
     from sklearn.metrics import normalized_mutual_info_score as nmi
 
     from fastmmt.cluster import kmeans
+    from fastmmt.cluster.kmeans import lloyd
     from fastmmt.cluster.seeding import kmeans_plusplus as fastmmt_plusplus
 
     cf, target = teacher_features(a.init, a.data, a.height, a.width)
@@ -135,16 +136,12 @@ def cmd_kmeans_parts(a) -> None:
     true = np.array([r.pid for r in target.train])
     faiss.omp_set_num_threads(1)
     print(f"{len(x)} features x {x.shape[1]}, k = {a.k}, seeds {a.seeds}")
-    # 1. Lloyd from one start: scikit-learn's KMeans(init=...) and FAISS's Clustering, as fastmmt sets it up
+    # 1. Lloyd from one start: scikit-learn's KMeans(init=...) and fastmmt's FAISS run (kmeans.lloyd)
+    index = faiss.IndexFlatL2(x.shape[1])
     for seed in a.seeds:
         start = kmeans_plusplus(x, a.k, random_state=seed)[0]
         km = KMeans(a.k, init=start, n_init=1, max_iter=300).fit(x)
-        cp = faiss.ClusteringParameters()
-        cp.niter, cp.max_points_per_centroid, cp.min_points_per_centroid = 300, len(x), 1
-        clus = faiss.Clustering(x.shape[1], a.k, cp)
-        faiss.copy_array_to_vector(np.ascontiguousarray(start).ravel(), clus.centroids)
-        index = faiss.IndexFlatL2(x.shape[1])
-        clus.train(x, index)
+        clus = lloyd(x, a.k, seed, 300, start, index)
         index.reset()
         index.add(faiss.vector_float_to_array(clus.centroids).reshape(a.k, -1))
         labels = index.search(x, 1)[1][:, 0]

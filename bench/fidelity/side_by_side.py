@@ -274,14 +274,19 @@ def relabellings(pooled: list, k: int):
         yield [pooled[i] for i in pick], [v for i, v in enumerate(pooled) if i not in chosen]
 
 
+def range_place(m: float, lo: float, hi: float) -> str:
+    """Where a mean lies against the official range [lo, hi]: ``in`` (the edges included),
+    ``above`` or ``below`` (issue 26's closing bar)."""
+    return "above" if m > hi else "below" if m < lo else "in"
+
+
 def epochs_outside(official: list[list[float]], fastmmt: list[list[float]]) -> int:
     """How many epochs fastmmt's mean over runs lies outside the official runs' range (each run
     a list of per-epoch values): issue 26's closing bar counts these."""
     count = 0
     for e in range(len(official[0])):
         vals = [r[e] for r in official]
-        m = sum(r[e] for r in fastmmt) / len(fastmmt)
-        count += not min(vals) <= m <= max(vals)
+        count += range_place(sum(r[e] for r in fastmmt) / len(fastmmt), min(vals), max(vals)) != "in"
     return count
 
 
@@ -344,7 +349,7 @@ def table(results: dict[str, dict[int, list[list[float]]]], epochs: int, of: str
             (m1, s1, n1, lo, hi), (m2, s2, n2, _, _) = stats["official"], stats["fastmmt"]
             diff = f"{m2 - m1:+7.2f}"
             z = z_text(m1, s1, n1, m2, s2, n2)
-            where = "above" if m2 > hi else "below" if m2 < lo else "in"
+            where = range_place(m2, lo, hi)
         lines.append(f"{e:5d} {cells[0]:>16} {span:>15} {cells[1]:>16} {diff:>7} {z:>6} {where:>6}")
     return "\n".join(lines)
 

@@ -109,7 +109,8 @@ def kmeans(
     best, iterations = None, 0
     with limited_threads(num_threads), torch.no_grad():
         for redo_seed in restart_seeds(seed, int(nredo)):
-            clus = _lloyd(x, xs, int(k), redo_seed, int(niter), init, seed_dim, index, progress)
+            start = xs[kmeans_plusplus(x, int(k), redo_seed, seed_dim).cpu().numpy()] if init == "k-means++" else None
+            clus = lloyd(xs, int(k), redo_seed, int(niter), start, index, progress)
             stats = clus.iteration_stats
             iterations += stats.size()
             obj = stats.at(stats.size() - 1).obj
@@ -168,18 +169,18 @@ def _index_input(x: torch.Tensor, backend: str) -> torch.Tensor:
     return x.detach().to(device=device, dtype=torch.float32).contiguous()
 
 
-def _lloyd(x: torch.Tensor, xs: np.ndarray, k: int, seed: int, niter: int, init: str,
-           seed_dim: int | None, index: faiss.Index, progress: bool) -> faiss.Clustering:
-    """One FAISS k-means run from the requested initialisation."""
+def lloyd(xs: np.ndarray, k: int, seed: int, niter: int, start: np.ndarray | None, index: faiss.Index,
+          progress: bool = False) -> faiss.Clustering:
+    """One FAISS k-means run on ``xs`` (N, D) float32 as :func:`kmeans` sets it up, from the
+    ``start`` centroids (k, D), or from FAISS's random points (``seed``) when None."""
     cp = faiss.ClusteringParameters()
     cp.niter, cp.nredo, cp.seed = niter, 1, seed
     cp.max_points_per_centroid = xs.shape[0]  # never subsample: every point takes part
     cp.min_points_per_centroid = 1  # re-ID has ~26 images per centroid: no warning spam
     cp.verbose = progress
     clus = faiss.Clustering(xs.shape[1], k, cp)
-    if init == "k-means++":
-        start = xs[kmeans_plusplus(x, k, seed, seed_dim).cpu().numpy()]
-        faiss.copy_array_to_vector(np.ascontiguousarray(start).ravel(), clus.centroids)
+    if start is not None:
+        faiss.copy_array_to_vector(np.ascontiguousarray(start, dtype=np.float32).ravel(), clus.centroids)
     index.reset()
     clus.train(xs, index)
     return clus
